@@ -1,0 +1,20 @@
+"""User-facing errors: printed as one line, never as a traceback."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class CnnBenchError(Exception):
+    """A mistake the user can fix (bad name, bad path, bad data). The CLI prints it as one line."""
+
+
+def did_you_mean(name: str, choices: Iterable[str], n: int = 3) -> str:
+    """' (did you mean: a, b?)' for the closest choices, or a short list of valid ones."""
+    choices = sorted(set(choices))
+    close = difflib.get_close_matches(name, choices, n=n, cutoff=0.5)
+    if close:
+        return f"did you mean: {', '.join(close)}?"
+    shown = ", ".join(choices[:12]) + (", ..." if len(choices) > 12 else "")
+    return f"valid choices: {shown}"
