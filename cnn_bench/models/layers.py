@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from cnn_bench.errors import CnnBenchError, did_you_mean
+
 
 def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:
     """Round a scaled channel count to a multiple of ``divisor`` without dropping below 90% of it.
@@ -31,3 +33,43 @@ class ConvBNAct(nn.Sequential):
             layers.append(act(inplace=True) if "inplace" in act.__init__.__code__.co_varnames else act())
         super().__init__(*layers)
         self.out_channels = cout
+
+
+STEMS = ("imagenet", "cifar")
+
+
+def check_stem(stem: str) -> str:
+    """Validate a ``stem`` option (``auto`` is resolved earlier, by ``build_model``)."""
+    if stem not in STEMS:
+        hint = " ('auto' is resolved by build_model from the resolution)" if stem == "auto" else ""
+        raise CnnBenchError(f"model.stem must be one of {', '.join(STEMS)}, got '{stem}'{hint}")
+    return stem
+
+
+def check_width_mult(width_mult: float) -> float:
+    if not width_mult > 0:
+        raise CnnBenchError(f"model.width_mult must be > 0, got {width_mult}")
+    return float(width_mult)
+
+
+def check_choice(option: str, value: str, choices) -> str:
+    """Raise a one-line error naming the closest valid choices when ``value`` is not one of them."""
+    if value not in choices:
+        raise CnnBenchError(f"model.{option} '{value}' is not valid: {did_you_mean(str(value), choices)}")
+    return value
+
+
+def init_weights(model: nn.Module) -> None:
+    """torchvision's init: kaiming-normal (fan_out) convs, BN weight 1 / bias 0, linear N(0, 0.01)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, 0.01)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)

@@ -22,8 +22,12 @@ def list_models(pattern: str = "*") -> list[str]:
     return _MODELS.list(pattern)
 
 
-def get_model(name: str, num_classes: int = 1000, **kwargs) -> nn.Module:
-    """Build a registered model. Unknown names or options raise a one-line ``CnnBenchError``."""
+def get_model(name: str, /, num_classes: int = 1000, **kwargs) -> nn.Module:
+    """Build a registered model. Unknown names or options raise a one-line ``CnnBenchError``.
+
+    ``name`` is positional-only so the passthroughs can take a ``name=`` option (the
+    torchvision/timm architecture): ``get_model("torchvision", 10, name="resnet18")``.
+    """
     builder = _MODELS.get(name)
     params = inspect.signature(builder).parameters
     if not any(p.kind is p.VAR_KEYWORD for p in params.values()):

@@ -1,0 +1,54 @@
+"""Checkpoints: written atomically, plain types + tensors only, read with ``weights_only=True``."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cnn_bench.errors import CnnBenchError
+
+FORMAT = "cnn_bench.checkpoint/1"
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to a temp file in the same folder, then ``os.replace``: never a torn file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(weights_only=True)``: refuses pickles that would build arbitrary objects."""
+    path = Path(path)
+    if not path.is_file():
+        raise CnnBenchError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported content"
+        raise CnnBenchError(
+            f"refusing to load {path}: it holds objects other than tensors and plain types "
+            f"({first[:160]}); only load files you trust, re-saved as a state dict"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CnnBenchError(f"cannot read checkpoint {path}: {str(e).splitlines()[0][:200]}") from None
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Load a cnn_bench training checkpoint (see ``cnn_bench.train``) and check its format."""
+    ckpt = safe_load(path, map_location)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CnnBenchError(f"{path} is not a cnn_bench checkpoint (expected format {FORMAT})")
+    return ckpt

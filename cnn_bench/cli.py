@@ -1,0 +1,138 @@
+"""Command-line glue: check the overrides before Hydra runs, and print user mistakes as one line."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import re
+import sys
+from collections.abc import Callable
+
+from cnn_bench.config import CONF_DIR, validate
+from cnn_bench.errors import CnnBenchError, did_you_mean
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print ``error: message`` on stderr and exit: the CLI's one way to report a user mistake."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Wrap a Hydra task: a ``CnnBenchError`` in a single run exits with one line.
+
+    In a multirun it propagates, so the sweep's launcher can record the job as failed and go on.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(cfg):
+        try:
+            return fn(cfg)
+        except CnnBenchError as e:
+            from hydra.core.hydra_config import HydraConfig
+            from hydra.types import RunMode
+
+            if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+                raise
+            fail(str(e))
+
+    return wrapper
+
+
+def _flat_keys(cfg, prefix: str = "") -> list[str]:
+    from omegaconf import DictConfig
+
+    keys = []
+    for k, v in cfg.items():
+        key = f"{prefix}{k}"
+        keys.append(key)
+        if isinstance(v, DictConfig):
+            keys += _flat_keys(v, key + ".")
+    return keys
+
+
+def _describe(ex: Exception, group_overrides: list[str], config_name: str) -> str:
+    """Turn a Hydra composition error into one line with the closest valid choices."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+
+    text = str(ex)
+    if isinstance(ex, MissingConfigException) and ex.options:
+        m = re.search(r"Could not find '([^']+)'", text)
+        group, _, choice = (m.group(1) if m else "").rpartition("/")
+        return f"unknown {group or 'config'} '{choice}': {did_you_mean(choice, ex.options)}"
+    m = re.search(r"Could not override '([^']+)'", text)
+    if m and "not in struct" in str(ex.__cause__):
+        key = m.group(1)
+        try:
+            keys = _flat_keys(_compose(config_name, group_overrides))
+        except Exception:
+            keys = []
+        return f"unknown config key '{key}': {did_you_mean(key, keys)}"
+    if isinstance(ex, OverrideParseException):
+        return f"cannot parse override: {text.strip().splitlines()[0]}"
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(ex).__name__)
+    return first
+
+
+def _compose(config_name: str, overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose(config_name=config_name, overrides=overrides)
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def _candidate_override_lists(overrides: list[str]) -> list[list[str]]:
+    """One override list per sweep value (others at their first value), so each value is checked."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    options = []
+    for ov in parsed:
+        if ov.is_sweep_override():
+            values = [f"{ov.get_key_element()}={v}" for v in ov.sweep_string_iterator()]
+        else:
+            values = [ov.input_line]
+        options.append(values or [ov.input_line])
+    firsts = [vals[0] for vals in options]
+    lists = [firsts]
+    for i, vals in enumerate(options):
+        for v in vals[1:]:
+            lists.append(firsts[:i] + [v] + firsts[i + 1:])
+    return lists
+
+
+def check_command_line(argv: list[str], config_name: str = "config") -> None:
+    """Compose the config for every value on the command line; exit with one line on a mistake."""
+    from hydra._internal.utils import get_args_parser
+
+    args = get_args_parser().parse_args(argv)
+    if args.help or args.hydra_help or args.cfg or args.info or args.shell_completion \
+            or args.config_dir or args.config_path:
+        return  # Hydra's own informational modes, or a config tree we do not know
+    config_name = args.config_name or config_name
+    overrides = [o for o in args.overrides if not o.startswith("hydra.") and not o.startswith("hydra/")]
+    try:
+        lists = _candidate_override_lists(overrides)
+    except Exception as ex:  # noqa: BLE001  (parser errors are user mistakes)
+        fail(_describe(ex, [], config_name))
+    for ovs in itertools.islice(lists, 64):
+        groups = [o for o in ovs if "=" in o and "." not in o.split("=", 1)[0]]
+        try:
+            cfg = _compose(config_name, ovs)
+        except Exception as ex:  # noqa: BLE001
+            fail(_describe(ex, groups, config_name))
+        try:
+            validate(cfg)
+        except CnnBenchError as ex:
+            fail(str(ex))
+
+
+def launch(hydra_main: Callable[[], None], config_name: str = "config") -> None:
+    """Check ``sys.argv`` for user mistakes, then hand over to the ``@hydra.main`` function."""
+    check_command_line(sys.argv[1:], config_name)
+    hydra_main()

@@ -1,0 +1,69 @@
+"""Where the config tree lives, and checks on the public keys that YAML alone cannot type."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from cnn_bench.errors import CnnBenchError
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+_INT, _FLOAT, _BOOL, _STR, _NONE = "an integer", "a number", "true or false", "a string", "null"
+
+# key -> (accepted kinds, choices or None, minimum or None)
+_SCHEMA: dict[str, tuple[tuple[str, ...], tuple | None, float | None]] = {
+    "trainer.epochs": ((_INT,), None, 1),
+    "trainer.batch_size": ((_INT,), None, 1),
+    "trainer.eval_batch_size": ((_INT, _NONE), None, 1),
+    "trainer.device": ((_STR,), None, None),
+    "trainer.precision": ((_STR,), ("auto", "fp32", "bf16", "fp16"), None),
+    "trainer.channels_last": ((_STR, _BOOL), ("auto", True, False), None),
+    "trainer.compile": ((_BOOL,), None, None),
+    "trainer.seed": ((_INT,), None, 0),
+    "trainer.resume": ((_STR, _NONE), None, None),
+    "trainer.limit_train_batches": ((_INT, _NONE), None, 1),
+    "trainer.limit_val_batches": ((_INT, _NONE), None, 1),
+    "trainer.grad_clip": ((_FLOAT, _NONE), None, 0),
+    "trainer.log_every_n_steps": ((_INT,), None, 1),
+    "dataset.root": ((_STR, _NONE), None, None),
+    "dataset.resolution": ((_INT,), None, 8),
+    "dataset.val_fraction": ((_FLOAT,), None, 0),
+    "dataset.num_classes": ((_INT, _NONE), None, 1),
+    "model.width_mult": ((_FLOAT,), None, 0.01),
+    "optimizer.lr": ((_FLOAT,), None, 0),
+    "optimizer.weight_decay": ((_FLOAT,), None, 0),
+}
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return _NONE
+    if isinstance(value, bool):
+        return _BOOL
+    if isinstance(value, int):
+        return _INT
+    if isinstance(value, float):
+        return _FLOAT
+    return _STR
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise a one-line ``CnnBenchError`` for a public key of the wrong type or out of range."""
+    for key, (kinds, choices, minimum) in _SCHEMA.items():
+        if OmegaConf.select(cfg, key, default="__absent__") == "__absent__":
+            continue
+        value = OmegaConf.select(cfg, key)
+        kind = _kind(value)
+        ok = kind in kinds or (kind == _INT and _FLOAT in kinds)
+        if not ok:
+            want = " or ".join(kinds)
+            raise CnnBenchError(f"{key} must be {want}, got {value!r}")
+        if choices is not None and value not in choices:
+            raise CnnBenchError(f"{key} must be one of {', '.join(map(str, choices))}; got {value!r}")
+        if minimum is not None and kind in (_INT, _FLOAT) and value < minimum:
+            raise CnnBenchError(f"{key} must be >= {minimum}, got {value}")
+    if not 0 <= cfg.dataset.get("val_fraction", 0) < 1:
+        raise CnnBenchError(f"dataset.val_fraction must be in [0, 1), got {cfg.dataset.val_fraction}")

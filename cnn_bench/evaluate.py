@@ -1,0 +1,114 @@
+"""``run(cfg) -> results``: evaluate a checkpoint on its dataset's test (or val) split.
+
+Writes ``evaluation.json`` and ``confusion_matrix.png`` to ``<run>/eval/<split>/`` (or
+``output_dir``) and logs ``eval/<split>/*`` scalars to the run's TensorBoard directory.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.utils.tensorboard import SummaryWriter
+
+from cnn_bench.checkpoint import load_checkpoint
+from cnn_bench.data import build_data
+from cnn_bench.errors import CnnBenchError
+from cnn_bench.loop import evaluate
+from cnn_bench.models.build import build_model
+from cnn_bench.runlog import write_json
+from cnn_bench.runtime import Runtime, resolve_device
+
+log = logging.getLogger("cnn_bench")
+
+
+def format_table(classes: list[str], confusion: torch.Tensor) -> str:
+    """Per-class accuracy and the confusion matrix (rows: true class, columns: predicted)."""
+    width = max(8, *(len(c) for c in classes)) + 1
+    lines = [f"{'class':<{width}} {'acc':>7} {'n':>6}   " + " ".join(f"{i:>5}" for i in range(len(classes)))]
+    for i, c in enumerate(classes):
+        row = confusion[i]
+        n = int(row.sum())
+        acc = float(row[i]) / n if n else float("nan")
+        lines.append(f"{c:<{width}} {acc:7.4f} {n:6d}   " + " ".join(f"{int(v):5d}" for v in row))
+    return "\n".join(lines)
+
+
+def plot_confusion(classes: list[str], confusion: torch.Tensor, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    norm = confusion.float() / confusion.sum(1, keepdim=True).clamp(min=1)
+    size = max(4.0, 0.5 * len(classes) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    im = ax.imshow(norm.numpy(), cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(classes)), classes, rotation=90)
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    if len(classes) <= 20:
+        for i in range(len(classes)):
+            for j in range(len(classes)):
+                ax.text(j, i, int(confusion[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if norm[i, j] > 0.5 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run(cfg: DictConfig) -> dict:
+    """Evaluate ``cfg.ckpt`` on ``cfg.split`` (test | val | train); return and write the results."""
+    if not cfg.get("ckpt"):
+        raise CnnBenchError("ckpt=PATH is required, e.g. ckpt=outputs/<run>/checkpoints/best.pt")
+    ckpt_path = Path(cfg.ckpt)
+    ck = load_checkpoint(ckpt_path)
+    train_cfg = OmegaConf.create(ck["config"])
+    if cfg.get("dataset_root"):
+        train_cfg.dataset.root = cfg.dataset_root
+    device = resolve_device(cfg.device)
+    precision = cfg.precision if cfg.precision != "auto" else "fp32"
+    rt = Runtime(device, precision, channels_last=False)
+
+    data = build_data(train_cfg.dataset, train_cfg.augmentation, batch_size=cfg.batch_size,
+                      device=device, seed=train_cfg.trainer.seed, eval_batch_size=cfg.batch_size)
+    if list(data.classes) != list(ck["classes"]):
+        raise CnnBenchError(f"the dataset's classes ({len(data.classes)}) do not match the "
+                            f"checkpoint's ({len(ck['classes'])}): check dataset_root")
+    loader = getattr(data, cfg.split, None)
+    if loader is None:
+        raise CnnBenchError(f"the dataset has no '{cfg.split}' split: use split=val or split=test")
+    model = build_model({**OmegaConf.to_container(train_cfg.model), "pretrained": False,
+                         "weights": None}, ck["num_classes"], ck["resolution"])
+    model.load_state_dict(ck["model"])
+    model.to(device)
+    m = evaluate(model, loader, nn.CrossEntropyLoss(), rt, ck["num_classes"], desc=cfg.split,
+                 progress=cfg.get("progress", True))
+    confusion = m["confusion"]
+    per_class = {c: (float(confusion[i, i]) / float(confusion[i].sum()) if confusion[i].sum() else None)
+                 for i, c in enumerate(data.classes)}
+    results = {"ckpt": str(ckpt_path), "split": cfg.split, "epoch": ck["state"]["epoch"],
+               "images": m["images"], "loss": m["loss"], "acc": m["acc"],
+               "per_class_acc": per_class, "classes": list(data.classes),
+               "confusion_matrix": confusion.tolist()}
+
+    run_dir = ckpt_path.resolve().parent.parent
+    out = Path(cfg.output_dir) if cfg.get("output_dir") else run_dir / "eval" / cfg.split
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "evaluation.json", results)
+    plot_confusion(data.classes, confusion, out / "confusion_matrix.png",
+                   f"{train_cfg.model.name} on {train_cfg.dataset.name} {cfg.split}: acc {m['acc']:.4f}")
+    with SummaryWriter(str(run_dir / "tb")) as tb:
+        step = ck["state"]["global_step"]
+        tb.add_scalar(f"eval/{cfg.split}/acc", m["acc"], step)
+        tb.add_scalar(f"eval/{cfg.split}/loss", m["loss"], step)
+    print(format_table(list(data.classes), confusion))
+    print(f"{cfg.split}: loss {m['loss']:.4f}  acc {m['acc']:.4f}  ({m['images']} images)")
+    print(f"wrote {out / 'evaluation.json'} and {out / 'confusion_matrix.png'}")
+    return results

@@ -1,0 +1,92 @@
+"""Optimizers and per-step learning-rate schedules built from the ``optimizer``/``scheduler`` groups."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from cnn_bench.errors import CnnBenchError, did_you_mean
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULERS = ("none", "cosine", "step", "onecycle")
+
+
+def param_groups(model: nn.Module, weight_decay: float, head_lr_mult: float = 1.0) -> list[dict]:
+    """Trainable parameters only; no weight decay on BN/bias (1-d) parameters.
+
+    ``head_lr_mult`` scales the classifier's lr (the module named by ``model.classifier_name``).
+    """
+    head_prefix = getattr(model, "classifier_name", None)
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_head = bool(head_prefix) and (name == head_prefix or name.startswith(head_prefix + "."))
+        groups.setdefault((p.ndim > 1, is_head and head_lr_mult != 1.0), []).append(p)
+    return [
+        {"params": ps, "weight_decay": weight_decay if decay else 0.0,
+         "lr_mult": head_lr_mult if head else 1.0}
+        for (decay, head), ps in sorted(groups.items())
+    ]
+
+
+def build_optimizer(cfg, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    """SGD (momentum/nesterov), Adam or AdamW over the model's trainable parameters."""
+    name = cfg.name
+    if name not in OPTIMIZERS:
+        raise CnnBenchError(f"unknown optimizer '{name}': {did_you_mean(name, OPTIMIZERS)}")
+    groups = param_groups(model, cfg.weight_decay, cfg.get("head_lr_mult", 1.0))
+    if not groups:
+        raise CnnBenchError("the model has no trainable parameters: check finetune settings")
+    for g in groups:
+        g["lr"] = cfg.lr * g["lr_mult"]
+    # foreach kernels batch the per-parameter updates; fused ones exist for CUDA Adam(W)/SGD.
+    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
+                               nesterov=cfg.nesterov and cfg.momentum > 0, **fast)
+    cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
+    return cls(groups, lr=cfg.lr, betas=tuple(cfg.betas), **fast)
+
+
+def lr_factor(cfg, step: int, total_steps: int, steps_per_epoch: int) -> float:
+    """Multiplier of the base lr at ``step`` (0-based): linear warmup, then the named schedule."""
+    warmup = round(cfg.get("warmup_epochs", 0.0) * steps_per_epoch)
+    if step < warmup:
+        start = cfg.get("warmup_start_factor", 0.1)
+        return start + (1 - start) * step / warmup
+    name = cfg.name
+    if name == "none":
+        return 1.0
+    if name == "cosine":
+        t = (step - warmup) / max(1, total_steps - warmup)
+        lo = cfg.get("min_lr_factor", 0.0)
+        return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    if name == "step":
+        return cfg.gamma ** (step // max(1, round(cfg.step_epochs * steps_per_epoch)))
+    if name == "onecycle":
+        # Linear up from lr/div_factor to lr over pct_start, then linear down to the final lr.
+        peak = max(1, round(cfg.pct_start * total_steps))
+        start = 1 / cfg.div_factor
+        end = start / cfg.final_div_factor
+        if step < peak:
+            return start + (1 - start) * step / peak
+        t = (step - peak) / max(1, total_steps - peak)
+        return 1 + (end - 1) * min(1.0, t)
+    raise CnnBenchError(f"unknown scheduler '{name}': {did_you_mean(name, SCHEDULERS)}")
+
+
+def build_scheduler(cfg, optimizer: torch.optim.Optimizer, steps_per_epoch: int, epochs: int):
+    """A ``LambdaLR`` stepped once per optimizer step.
+
+    A closure (not a callable object) keeps the state dict to plain numbers, so checkpoints load
+    with ``weights_only=True``; the schedule itself is rebuilt from the config on resume.
+    """
+    if cfg.name not in SCHEDULERS:
+        raise CnnBenchError(f"unknown scheduler '{cfg.name}': {did_you_mean(cfg.name, SCHEDULERS)}")
+    total = max(1, steps_per_epoch * epochs)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(cfg, step, total, steps_per_epoch)
+    )

@@ -1,0 +1,68 @@
+"""A run's records: TensorBoard events, ``metrics.jsonl`` (one line per epoch) and ``summary.json``."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from torch.utils.tensorboard import SummaryWriter
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write JSON atomically (temp file + replace), so a reader never sees half a file."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _finite_or_none(v):
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+class RunLog:
+    """Writes one run's metrics to TensorBoard (``<run>/tb``) and ``<run>/metrics.jsonl``."""
+
+    def __init__(self, output_dir: str | Path, start_step: int = 0, start_epoch: int = 0):
+        self.dir = Path(output_dir)
+        # purge_step drops events a crashed run wrote past its last checkpoint, so resumed
+        # curves do not double back on themselves.
+        self.tb = SummaryWriter(str(self.dir / "tb"), purge_step=start_step or None)
+        self.metrics_path = self.dir / "metrics.jsonl"
+        if start_epoch == 0:
+            self.metrics_path.write_text("")
+        else:
+            self._truncate_metrics(start_epoch)
+
+    def _truncate_metrics(self, keep_epochs: int) -> None:
+        if not self.metrics_path.exists():
+            return
+        lines = [ln for ln in self.metrics_path.read_text().splitlines() if ln.strip()]
+        kept = [ln for ln in lines if json.loads(ln).get("epoch", 0) <= keep_epochs]
+        self.metrics_path.write_text("".join(ln + "\n" for ln in kept))
+
+    def steps(self, first_step: int, losses: list[float], lrs: list[float]) -> None:
+        for i, (loss, lr) in enumerate(zip(losses, lrs)):
+            self.tb.add_scalar("train/loss_step", loss, first_step + i)
+            self.tb.add_scalar("train/lr", lr, first_step + i)
+
+    def epoch(self, step: int, record: dict) -> None:
+        """Log one epoch's record (keys like ``train/loss``) to TensorBoard and metrics.jsonl."""
+        for k, v in record.items():
+            if isinstance(v, (int, float)) and k != "epoch" and v is not None:
+                self.tb.add_scalar(k, v, step)
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps({k: _finite_or_none(v) for k, v in record.items()}) + "\n")
+        self.tb.flush()
+
+    def hparams(self, hparams: dict, metrics: dict) -> None:
+        """An HParams entry carrying the run's final metrics (TensorBoard's HPARAMS tab)."""
+        hp = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
+        mt = {f"hparam/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        self.tb.add_hparams(hp, mt, run_name=".")
+
+    def close(self) -> None:
+        self.tb.close()

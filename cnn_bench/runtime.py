@@ -1,0 +1,92 @@
+"""Where and how a run computes: device, precision, memory format, seeds and RNG state."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from cnn_bench.errors import CnnBenchError
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Resolved execution settings of a run."""
+
+    device: torch.device
+    precision: str                 # fp32 | bf16 | fp16
+    channels_last: bool
+
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        return _DTYPES[self.precision]
+
+    @property
+    def use_scaler(self) -> bool:
+        # bf16 has fp32's exponent range; only fp16 gradients underflow without scaling.
+        return self.precision == "fp16"
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; a cuda request without CUDA is a user error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CnnBenchError(f"trainer.device must be auto, cpu, cuda or cuda:N; got '{name}'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CnnBenchError("trainer.device=cuda but no CUDA device is available; use trainer.device=cpu")
+    return device
+
+
+def resolve_runtime(trainer_cfg) -> Runtime:
+    """Apply the ``auto`` rules: bf16 (else fp16) + channels_last on CUDA; fp32 + NCHW on CPU."""
+    device = resolve_device(trainer_cfg.device)
+    precision = trainer_cfg.precision
+    if precision == "auto":
+        if device.type == "cuda":
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            precision = "fp32"  # bf16 autocast on these CPUs is slower than fp32
+    channels_last = trainer_cfg.get("channels_last", "auto")
+    if channels_last == "auto":
+        channels_last = device.type == "cuda"
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not trainer_cfg.get("deterministic", False)
+        torch.backends.cudnn.deterministic = bool(trainer_cfg.get("deterministic", False))
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return Runtime(device, precision, bool(channels_last))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def rng_state() -> dict:
+    """RNG states as tensors and plain types, so ``torch.load(weights_only=True)`` reads them."""
+    version, internal, gauss = random.getstate()
+    state = {"torch": torch.get_rng_state(), "python": [version, list(internal), gauss]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,211 @@
+"""``run(cfg) -> summary``: one training run, from a composed config to a run directory of results.
+
+The run directory holds ``config.yaml`` (resolved), ``metrics.jsonl``, ``summary.json``,
+``tb/`` (TensorBoard) and ``checkpoints/{best,last}.pt``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from cnn_bench.checkpoint import FORMAT, atomic_save, load_checkpoint
+from cnn_bench.config import validate
+from cnn_bench.data import build_data
+from cnn_bench.errors import CnnBenchError
+from cnn_bench.loop import StepModel, TrainState, evaluate, train_one_epoch
+from cnn_bench.models.build import build_model
+from cnn_bench.models.profile import count_flops, count_params
+from cnn_bench.optim import build_optimizer, build_scheduler
+from cnn_bench.runlog import RunLog, write_json
+from cnn_bench.runtime import resolve_runtime, rng_state, seed_everything, set_rng_state
+
+log = logging.getLogger("cnn_bench")
+
+
+def resolve_output_dir(cfg: DictConfig) -> Path:
+    """``cfg.output_dir`` if set, else Hydra's run directory."""
+    if cfg.get("output_dir"):
+        return Path(cfg.output_dir)
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    raise CnnBenchError("no output directory: set output_dir=... (or run through train.py)")
+
+
+def _write_config(out: Path, cfg: DictConfig) -> None:
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    hydra_dir = out / ".hydra"
+    if not hydra_dir.exists():  # called without Hydra (tests, notebooks): keep the same layout
+        hydra_dir.mkdir()
+        (hydra_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        (hydra_dir / "overrides.yaml").write_text("[]\n")
+
+
+def _resume_path(cfg: DictConfig, out: Path) -> Path | None:
+    resume = cfg.trainer.resume
+    if resume in (None, "", False):
+        return None
+    if resume == "auto":
+        last = out / "checkpoints" / "last.pt"
+        return last if last.exists() else None
+    path = Path(resume)
+    if not path.exists():
+        raise CnnBenchError(f"trainer.resume: no checkpoint at {path}")
+    return path
+
+
+def _peak_mem_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _hparams(cfg: DictConfig, rt) -> dict:
+    keys = ["model.name", "model.width_mult", "model.stem", "dataset.name", "dataset.resolution",
+            "optimizer.name", "optimizer.lr", "optimizer.weight_decay", "scheduler.name",
+            "augmentation.name", "trainer.epochs", "trainer.batch_size", "trainer.seed"]
+    hp = {k: OmegaConf.select(cfg, k) for k in keys}
+    hp["precision"] = rt.precision
+    return {k: v for k, v in hp.items() if v is not None}
+
+
+def run(cfg: DictConfig) -> dict:
+    """Train one model as the config says; return the summary (also written to summary.json)."""
+    t_start = time.perf_counter()
+    validate(cfg)
+    out = resolve_output_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_config(out, cfg)
+    tr = cfg.trainer
+    rt = resolve_runtime(tr)
+    seed_everything(tr.seed)
+
+    res = cfg.dataset.resolution
+    data = build_data(cfg.dataset, cfg.augmentation, batch_size=tr.batch_size, device=rt.device,
+                      seed=tr.seed, channels_last=rt.channels_last,
+                      eval_batch_size=tr.get("eval_batch_size"))
+    # Re-seed after the data is built: initial weights then depend only on the seed and the
+    # model config, so runs that differ only in data settings (resolution) start identical.
+    seed_everything(tr.seed)
+    model = build_model(cfg.model, data.num_classes, res)
+    params, trainable = count_params(model), count_params(model, trainable_only=True)
+    flops = count_flops(model, res)
+    model.to(rt.device, memory_format=rt.memory_format)
+    log.info("model %s: %.2fM params (%.2fM trainable), %.3f GFLOPs/image at %d px; %s %s%s",
+             cfg.model.name, params / 1e6, trainable / 1e6, flops / 1e9, res, rt.device,
+             rt.precision, ", channels_last" if rt.channels_last else "")
+
+    if len(data.train) == 0:
+        raise CnnBenchError(f"the training split has {data.train.num_samples} images: too few "
+                            f"for one batch; lower trainer.batch_size")
+    steps_per_epoch = len(data.train) if tr.limit_train_batches is None else min(
+        tr.limit_train_batches, len(data.train))
+    optimizer = build_optimizer(cfg.optimizer, model, rt.device)
+    scheduler = build_scheduler(cfg.scheduler, optimizer, steps_per_epoch, tr.epochs)
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.use_scaler)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.augmentation.get("label_smoothing", 0.0))
+    eval_criterion = nn.CrossEntropyLoss()
+
+    state = TrainState()
+    ckpt_dir = out / "checkpoints"
+    resume = _resume_path(cfg, out)
+    if resume is not None:
+        ck = load_checkpoint(resume, map_location=rt.device)
+        model.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        scheduler.load_state_dict(ck["scheduler"])
+        scaler.load_state_dict(ck["scaler"])
+        state = TrainState(**ck["state"])
+        set_rng_state({k: (v.cpu() if torch.is_tensor(v) else
+                           [t.cpu() for t in v] if k == "cuda" else v)
+                       for k, v in ck["rng"].items()})
+        log.info("resumed from %s at epoch %d", resume, state.epoch)
+
+    runlog = RunLog(out, start_step=state.global_step, start_epoch=state.epoch)
+    step_model = StepModel(model, tr.compile)
+
+    def checkpoint(path: Path) -> None:
+        atomic_save({
+            "format": FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+            "state": vars(state).copy(), "rng": rng_state(),
+            "config": OmegaConf.to_yaml(cfg, resolve=True), "classes": list(data.classes),
+            "num_classes": data.num_classes, "resolution": res,
+            "mean": list(data.mean), "std": list(data.std),
+        }, path)
+
+    val_loader = data.val if data.val is not None else data.test
+    val_name = "val" if data.val is not None else "test"
+    while state.epoch < tr.epochs:
+        data.train.set_epoch(state.epoch)
+        train_m = train_one_epoch(
+            step_model, data.train, criterion, optimizer, scheduler, scaler, rt, state,
+            limit=tr.limit_train_batches, log_every=tr.log_every_n_steps, grad_clip=tr.grad_clip,
+            log_steps=runlog.steps, progress=tr.progress)
+        state.epoch += 1
+        state.train_time_s += train_m["seconds"]
+        state.train_images += train_m["images"]
+        val_m = (evaluate(model, val_loader, eval_criterion, rt, data.num_classes,
+                          limit=tr.limit_val_batches, desc=val_name, progress=tr.progress)
+                 if val_loader is not None else {"loss": math.nan, "acc": math.nan})
+        record = {"epoch": state.epoch, "step": state.global_step,
+                  "train/loss": train_m["loss"], "train/acc": train_m["acc"],
+                  "val/loss": val_m["loss"], "val/acc": val_m["acc"],
+                  "lr": optimizer.param_groups[0]["lr"], "epoch_time_s": train_m["seconds"],
+                  "train/images_per_s": train_m["images"] / max(train_m["seconds"], 1e-9)}
+        state.history.append({k: v for k, v in record.items()})
+        runlog.epoch(state.global_step, record)
+        log.info("epoch %d/%d  train loss %.4f acc %.4f | %s loss %.4f acc %.4f | %.1fs, %.0f img/s",
+                 state.epoch, tr.epochs, train_m["loss"], train_m["acc"], val_name, val_m["loss"],
+                 val_m["acc"], train_m["seconds"], record["train/images_per_s"])
+        # NaN never counts as an improvement (comparisons with NaN are False).
+        if val_m["acc"] > state.best_metric or state.best_epoch == 0:
+            state.best_metric, state.best_epoch = val_m["acc"], state.epoch
+            checkpoint(ckpt_dir / "best.pt")
+        if tr.save_last:
+            checkpoint(ckpt_dir / "last.pt")
+
+    final_val = state.history[-1]["val/acc"] if state.history else math.nan
+    test_acc = test_loss = None
+    if data.test is not None and data.val is not None and (ckpt_dir / "best.pt").exists():
+        model.load_state_dict(load_checkpoint(ckpt_dir / "best.pt", rt.device)["model"])
+        test_m = evaluate(model, data.test, eval_criterion, rt, data.num_classes,
+                          desc="test", progress=tr.progress)
+        test_acc, test_loss = test_m["acc"], test_m["loss"]
+        log.info("test (best epoch %d): loss %.4f acc %.4f", state.best_epoch, test_loss, test_acc)
+
+    summary = {
+        "model": cfg.model.name, "dataset": cfg.dataset.name, "resolution": res,
+        "width_mult": cfg.model.get("width_mult"), "num_classes": data.num_classes,
+        "params": params, "trainable_params": trainable, "flops": flops,
+        "epochs": state.epoch, "steps": state.global_step,
+        "best_val_acc": state.best_metric if state.best_epoch else None,
+        "best_epoch": state.best_epoch, "final_val_acc": final_val,
+        "final_val_loss": state.history[-1]["val/loss"] if state.history else None,
+        "final_train_acc": state.history[-1]["train/acc"] if state.history else None,
+        "final_train_loss": state.history[-1]["train/loss"] if state.history else None,
+        "test_acc": test_acc, "test_loss": test_loss,
+        "wall_time_s": time.perf_counter() - t_start,
+        "train_images_per_s": state.train_images / max(state.train_time_s, 1e-9),
+        "peak_mem_mb": _peak_mem_mb(rt.device), "device": str(rt.device),
+        "precision": rt.precision, "channels_last": rt.channels_last, "compile": bool(tr.compile),
+        "in_memory": data.in_memory, "skipped_files": list(data.skipped),
+    }
+    summary = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+               for k, v in summary.items()}
+    runlog.hparams(_hparams(cfg, rt), {k: summary[k] for k in
+                                       ("best_val_acc", "final_val_acc", "test_acc")
+                                       if summary[k] is not None})
+    runlog.close()
+    write_json(out / "summary.json", summary)
+    log.info("summary: %s", out / "summary.json")
+    return summary

@@ -1,0 +1,17 @@
+"""Evaluate a checkpoint: ``python evaluate.py ckpt=outputs/<run>/checkpoints/best.pt``."""
+
+import hydra
+from omegaconf import DictConfig
+
+from cnn_bench import cli
+from cnn_bench.evaluate import run
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
+@cli.user_errors
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    cli.launch(main, "evaluate")

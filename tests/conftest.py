@@ -1,0 +1,48 @@
+"""Shared fixtures: configs composed from the real conf/ tree, tiny generated datasets."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from cnn_bench.config import CONF_DIR  # noqa: E402
+from datagen import make_imagefolder  # noqa: E402
+
+
+def compose_config(overrides: list[str], config_name: str = "config"):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name=config_name, overrides=overrides)
+
+
+@pytest.fixture(autouse=True)
+def _cache_dir(tmp_path_factory, monkeypatch):
+    """Decoded-dataset caches go to a per-session temp dir, never to ~/.cache."""
+    monkeypatch.setenv("CNN_BENCH_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory) -> Path:
+    """3 classes x 24 train / 8 val / 8 test images of 20-28 px, class-coloured so they are learnable."""
+    root = tmp_path_factory.mktemp("tiny")
+    make_imagefolder(root / "train", per_class=24, seed=0, splits=None)
+    make_imagefolder(root / "val", per_class=8, seed=1, splits=None)
+    make_imagefolder(root / "test", per_class=8, seed=2, splits=None)
+    return root
+
+
+def tiny_overrides(root: Path, out: Path, *extra: str) -> list[str]:
+    """A fast real config: speednet_s at 16 px on the tiny folder, CPU, no progress bars."""
+    return [
+        "model=speednet_s", "dataset=imagefolder", f"dataset.root={root}",
+        "dataset.resolution=16", "trainer.batch_size=16", "trainer.epochs=2",
+        "trainer.device=cpu", "trainer.progress=false", "trainer.log_every_n_steps=2",
+        f"output_dir={out}", *extra,
+    ]

@@ -1,0 +1,56 @@
+"""Config mistakes end with one line on stderr and a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, compose_config
+from cnn_bench.config import validate
+from cnn_bench.errors import CnnBenchError
+
+
+def run_cli(*args: str, script: str = "train.py") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["model=resnet5O"], "unknown model 'resnet5O': did you mean: resnet50"),
+    (["trainer.epoch=3"], "unknown config key 'trainer.epoch': did you mean: trainer.epochs"),
+    (["trainer.epochs=ten"], "trainer.epochs must be an integer, got 'ten'"),
+    (["optimizer=adamm"], "unknown optimizer 'adamm': did you mean: adam"),
+    (["trainer.precision=fp8"], "trainer.precision must be one of"),
+    (["-m", "model=speednet_s,resnet5O"], "unknown model 'resnet5O'"),
+    (["trainer.epochs=[1"], "cannot parse override"),
+])
+def test_config_mistakes_exit_with_one_line(args, expected):
+    p = run_cli(*args)
+    assert p.returncode != 0
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, p.stderr
+    assert lines[0].startswith("error: ") and expected in lines[0], lines[0]
+    assert "Traceback" not in p.stderr + p.stdout
+
+
+def test_runtime_user_error_is_one_line(tmp_path):
+    p = run_cli("dataset=imagefolder", f"dataset.root={tmp_path / 'missing'}",
+                f"hydra.run.dir={tmp_path / 'run'}")
+    assert p.returncode != 0
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip() and "warn" not in ln.lower()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "missing" in lines[0], p.stderr
+
+
+def test_evaluate_without_ckpt_is_one_line():
+    p = run_cli(script="evaluate.py")
+    assert p.returncode != 0
+    assert p.stderr.strip().startswith("error: ckpt=PATH is required"), p.stderr
+
+
+def test_validate_accepts_the_defaults_and_int_for_float():
+    cfg = compose_config(["optimizer.lr=1"])
+    validate(cfg)
+    with pytest.raises(CnnBenchError, match="dataset.resolution must be >= 8"):
+        validate(compose_config(["dataset.resolution=4"]))

@@ -1,0 +1,113 @@
+"""End-to-end training on a tiny generated ImageFolder: outputs, resume, evaluate, TensorBoard."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import cnn_bench.train as train_mod
+from cnn_bench import evaluate as evaluate_mod
+from cnn_bench.checkpoint import load_checkpoint
+from conftest import compose_config, tiny_overrides
+
+SUMMARY_KEYS = {"model", "dataset", "resolution", "params", "flops", "epochs", "best_val_acc",
+                "best_epoch", "final_val_acc", "test_acc", "wall_time_s", "train_images_per_s",
+                "peak_mem_mb", "device", "precision"}
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    cfg = compose_config(tiny_overrides(tiny_folder, out))
+    return out, train_mod.run(cfg)
+
+
+def test_run_writes_every_output(trained):
+    out, summary = trained
+    for rel in ["config.yaml", ".hydra/config.yaml", "metrics.jsonl", "summary.json",
+                "checkpoints/best.pt", "checkpoints/last.pt"]:
+        assert (out / rel).is_file(), rel
+    assert list((out / "tb").glob("events.out.tfevents.*"))
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert SUMMARY_KEYS <= on_disk.keys()
+    assert on_disk == json.loads(json.dumps(summary))
+    assert summary["epochs"] == 2 and summary["resolution"] == 16
+    assert summary["params"] > 0 and summary["flops"] > 0
+    assert summary["device"] == "cpu" and summary["precision"] == "fp32"
+    assert 0 <= summary["test_acc"] <= 1
+    lines = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [ln["epoch"] for ln in lines] == [1, 2]
+    assert lines[-1]["val/acc"] == summary["final_val_acc"]
+    resolved = OmegaConf.load(out / "config.yaml")
+    assert resolved.dataset.resolution == 16
+
+
+def test_checkpoint_is_complete_and_weights_only(trained):
+    out, _ = trained
+    ck = torch.load(out / "checkpoints/last.pt", weights_only=True)
+    for key in ["model", "optimizer", "scheduler", "scaler", "state", "rng", "config", "classes"]:
+        assert key in ck, key
+    assert isinstance(ck["config"], str) and "speednet_s" in ck["config"]
+    assert ck["state"]["epoch"] == 2 and ck["state"]["best_epoch"] in (1, 2)
+    assert not list((out / "checkpoints").glob("*.tmp"))
+
+
+def test_tensorboard_has_scalars(trained):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, summary = trained
+    acc = EventAccumulator(str(out / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for tag in ["train/loss_step", "train/lr", "train/loss", "train/acc", "val/loss", "val/acc",
+                "epoch_time_s", "train/images_per_s"]:
+        assert tag in tags, tag
+    assert len(acc.Scalars("train/loss_step")) == summary["steps"]  # every step, not sampled
+    assert len(acc.Scalars("val/acc")) == 2
+
+
+def test_evaluate_reproduces_final_val_acc(trained):
+    out, summary = trained
+    cfg = compose_config([f"ckpt={out}/checkpoints/last.pt", "split=val", "device=cpu",
+                          "progress=false"], config_name="evaluate")
+    res = evaluate_mod.run(cfg)
+    assert res["acc"] == pytest.approx(summary["final_val_acc"], abs=1e-9)
+    assert (out / "eval/val/evaluation.json").is_file()
+    assert (out / "eval/val/confusion_matrix.png").stat().st_size > 1000
+    cm = torch.tensor(res["confusion_matrix"])
+    assert cm.shape == (3, 3) and cm.sum() == res["images"]
+
+
+def test_resume_matches_uninterrupted_run(tiny_folder, tmp_path, monkeypatch):
+    extra = ["trainer.epochs=3", "augmentation=basic", "trainer.seed=3"]
+    full = tmp_path / "full"
+    train_mod.run(compose_config(tiny_overrides(tiny_folder, full, *extra)))
+
+    # Interrupt a second run after its first epoch (as a pre-emption would), then resume it.
+    part = tmp_path / "part"
+    real = train_mod.train_one_epoch
+    calls = {"n": 0}
+
+    def interrupted(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(train_mod, "train_one_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.run(compose_config(tiny_overrides(tiny_folder, part, *extra)))
+    monkeypatch.setattr(train_mod, "train_one_epoch", real)
+    assert load_checkpoint(part / "checkpoints/last.pt")["state"]["epoch"] == 1
+    summary = train_mod.run(compose_config(tiny_overrides(tiny_folder, part, *extra,
+                                                          "trainer.resume=auto")))
+    assert summary["epochs"] == 3
+    a = load_checkpoint(full / "checkpoints/last.pt")["model"]
+    b = load_checkpoint(part / "checkpoints/last.pt")["model"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    lines = (part / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(ln)["epoch"] for ln in lines] == [1, 2, 3]
