@@ -21,19 +21,23 @@ def fail(message: str, code: int = 2) -> None:
 def user_errors(fn: Callable) -> Callable:
     """Wrap a Hydra task: a ``CnnBenchError`` in a single run exits with one line.
 
-    In a multirun it propagates, so the sweep's launcher can record the job as failed and go on.
+    In a multirun the job runs through :func:`cnn_bench.sweep.job.run_sweep_job`: a finished job
+    is skipped, an unfinished one resumes, and any failure is recorded in the job's
+    ``status.json`` instead of stopping the sweep; the sweep callback reports it at the end.
     """
 
     @functools.wraps(fn)
     def wrapper(cfg):
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            from cnn_bench.sweep.job import run_sweep_job
+
+            return run_sweep_job(fn, cfg)
         try:
             return fn(cfg)
         except CnnBenchError as e:
-            from hydra.core.hydra_config import HydraConfig
-            from hydra.types import RunMode
-
-            if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-                raise
             fail(str(e))
 
     return wrapper

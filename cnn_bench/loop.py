@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from cnn_bench.finetune import FreezePlan, set_train_mode
 from cnn_bench.runtime import Runtime
 
 
@@ -22,6 +23,9 @@ class TrainState:
     global_step: int = 0
     best_metric: float = float("-inf")
     best_epoch: int = 0
+    es_best: float | None = None   # early stopping: best monitored value and epochs since
+    es_wait: int = 0
+    stop_reason: str | None = None
     train_time_s: float = 0.0
     train_images: int = 0
     history: list[dict] = field(default_factory=list)
@@ -62,10 +66,11 @@ def _bar(total: int, desc: str, enabled: bool):
 
 def train_one_epoch(step_model: StepModel, loader, criterion, optimizer, scheduler, scaler,
                     rt: Runtime, state: TrainState, *, limit: int | None, log_every: int,
-                    grad_clip: float | None, log_steps: Callable, progress: bool) -> dict:
+                    grad_clip: float | None, log_steps: Callable, progress: bool,
+                    freeze: FreezePlan | None = None) -> dict:
     """Train for one epoch; return mean loss, accuracy, images and seconds (synced once, at the end)."""
     model = step_model.eager
-    model.train()
+    set_train_mode(model, freeze)
     n_batches = len(loader) if limit is None else min(limit, len(loader))
     loss_sum = torch.zeros((), device=rt.device)
     correct = torch.zeros((), device=rt.device, dtype=torch.long)

@@ -19,7 +19,9 @@ from torch import nn
 from cnn_bench.checkpoint import FORMAT, atomic_save, load_checkpoint
 from cnn_bench.config import validate
 from cnn_bench.data import build_data
+from cnn_bench import early_stopping
 from cnn_bench.errors import CnnBenchError
+from cnn_bench.finetune import apply_finetune
 from cnn_bench.loop import StepModel, TrainState, evaluate, train_one_epoch
 from cnn_bench.models.build import build_model
 from cnn_bench.models.profile import count_flops, count_params
@@ -97,12 +99,17 @@ def run(cfg: DictConfig) -> dict:
     # model config, so runs that differ only in data settings (resolution) start identical.
     seed_everything(tr.seed)
     model = build_model(cfg.model, data.num_classes, res)
+    freeze = apply_finetune(model, cfg.get("finetune"))
     params, trainable = count_params(model), count_params(model, trainable_only=True)
     flops = count_flops(model, res)
     model.to(rt.device, memory_format=rt.memory_format)
     log.info("model %s: %.2fM params (%.2fM trainable), %.3f GFLOPs/image at %d px; %s %s%s",
              cfg.model.name, params / 1e6, trainable / 1e6, flops / 1e9, res, rt.device,
              rt.precision, ", channels_last" if rt.channels_last else "")
+    if freeze.frozen:
+        log.info("finetune=%s: %d parameters train, %d frozen; frozen modules (eval mode): %s",
+                 freeze.mode, freeze.trainable_params, freeze.frozen_params,
+                 ", ".join(freeze.frozen))
 
     if len(data.train) == 0:
         raise CnnBenchError(f"the training split has {data.train.num_samples} images: too few "
@@ -145,12 +152,12 @@ def run(cfg: DictConfig) -> dict:
 
     val_loader = data.val if data.val is not None else data.test
     val_name = "val" if data.val is not None else "test"
-    while state.epoch < tr.epochs:
+    while state.epoch < tr.epochs and not state.stop_reason:
         data.train.set_epoch(state.epoch)
         train_m = train_one_epoch(
             step_model, data.train, criterion, optimizer, scheduler, scaler, rt, state,
             limit=tr.limit_train_batches, log_every=tr.log_every_n_steps, grad_clip=tr.grad_clip,
-            log_steps=runlog.steps, progress=tr.progress)
+            log_steps=runlog.steps, progress=tr.progress, freeze=freeze)
         state.epoch += 1
         state.train_time_s += train_m["seconds"]
         state.train_images += train_m["images"]
@@ -171,8 +178,12 @@ def run(cfg: DictConfig) -> dict:
         if val_m["acc"] > state.best_metric or state.best_epoch == 0:
             state.best_metric, state.best_epoch = val_m["acc"], state.epoch
             checkpoint(ckpt_dir / "best.pt")
+        state.stop_reason = early_stopping.check(tr.get("early_stopping"), record, state)
         if tr.save_last:
             checkpoint(ckpt_dir / "last.pt")
+        if state.stop_reason:
+            log.info(state.stop_reason)
+            break
 
     final_val = state.history[-1]["val/acc"] if state.history else math.nan
     test_acc = test_loss = None
@@ -187,7 +198,7 @@ def run(cfg: DictConfig) -> dict:
         "model": cfg.model.name, "dataset": cfg.dataset.name, "resolution": res,
         "width_mult": cfg.model.get("width_mult"), "num_classes": data.num_classes,
         "params": params, "trainable_params": trainable, "flops": flops,
-        "epochs": state.epoch, "steps": state.global_step,
+        "epochs": state.epoch, "steps": state.global_step, "stop_reason": state.stop_reason,
         "best_val_acc": state.best_metric if state.best_epoch else None,
         "best_epoch": state.best_epoch, "final_val_acc": final_val,
         "final_val_loss": state.history[-1]["val/loss"] if state.history else None,

@@ -75,9 +75,10 @@ class AlexNet(nn.Module):
         )
         self.num_features = w[4]
         self.classifier_name = "classifier.6"
-        # conv1 (+ its pool) is the stem; the stages are conv2..conv5.
+        # conv1 (+ its pool) is the stem; the stages are conv2..conv5 and the two hidden linear
+        # layers (fc6, fc7), so unfreezing every stage leaves nothing but the stem frozen.
         self.stage_names = [f"features.{i}" for i, m in enumerate(self.features)
-                            if isinstance(m, nn.Conv2d)][1:]
+                            if isinstance(m, nn.Conv2d)][1:] + ["classifier.1", "classifier.4"]
         init_weights(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

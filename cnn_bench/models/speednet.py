@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from cnn_bench.models.layers import make_divisible
+from cnn_bench.models.layers import check_stem, check_width_mult, make_divisible
 from cnn_bench.models.registry import register_model
 
 
@@ -39,6 +39,8 @@ class SpeedNet(nn.Module):
                  num_classes: int = 10, width_mult: float = 1.0, stem: str = "cifar",
                  head_scale: float = 1 / 9):
         super().__init__()
+        check_stem(stem)
+        check_width_mult(width_mult)
         widths = [make_divisible(w * width_mult) for w in widths]
         stem_width = make_divisible(stem_width * width_mult)
         # NOTE: stem="imagenet" adds a stride-2 conv and a max-pool (4x downsampling) so 224 px
@@ -57,6 +59,8 @@ class SpeedNet(nn.Module):
         # airbench scales the logits down: large max-pooled features otherwise saturate softmax.
         self.head_scale = head_scale
         self.num_features = widths[-1]
+        self.classifier_name = "fc"
+        self.stage_names = [f"stages.{i}" for i in range(len(self.stages))]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.stages(self.stem(x))

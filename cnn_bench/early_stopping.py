@@ -1,0 +1,29 @@
+"""Early stopping on a monitored epoch metric (``trainer.early_stopping``)."""
+
+from __future__ import annotations
+
+import math
+
+
+def improved(value: float, best: float | None, mode: str, min_delta: float) -> bool:
+    """Whether ``value`` beats ``best`` by more than ``min_delta``; NaN never improves."""
+    if value is None or not math.isfinite(value):
+        return False
+    if best is None:
+        return True
+    return value > best + min_delta if mode == "max" else value < best - min_delta
+
+
+def check(cfg, record: dict, state) -> str | None:
+    """Update ``state.es_best``/``state.es_wait`` from this epoch's record; return a stop reason."""
+    if cfg is None or cfg.get("patience") is None:
+        return None
+    value = record.get(cfg.monitor)
+    if improved(value, state.es_best, cfg.mode, cfg.min_delta):
+        state.es_best, state.es_wait = value, 0
+        return None
+    state.es_wait += 1
+    if state.es_wait >= cfg.patience:
+        return (f"early stopping: {cfg.monitor} did not improve by more than {cfg.min_delta} "
+                f"for {cfg.patience} epochs (best {state.es_best}, at epoch {state.epoch})")
+    return None

@@ -1,0 +1,187 @@
+"""Passthroughs: any torchvision or timm classification model by name.
+
+``model=torchvision model.name=efficientnet_b0`` builds ``torchvision.models.get_model(name,
+weights=None, num_classes=...)``; ``model=timm model.name=...`` builds ``timm.create_model``.
+The result is wrapped in ``PassthroughModel`` so it exposes the zoo's interface; its state dict
+keys are the library model's, prefixed with ``model.``. These models take no ``stem`` or
+``width_mult``: they are built exactly as their library defines them. Extra options (e.g.
+``+model.dropout=0.3``) are passed on to the library's builder.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+
+import torch
+from torch import nn
+
+from cnn_bench.errors import CnnBenchError, did_you_mean
+from cnn_bench.models.registry import register_model
+
+PASSTHROUGHS = ("torchvision", "timm")
+
+
+class _StopForward(Exception):
+    """Raised by a pre-hook to stop the forward at the classifier once its input is captured."""
+
+
+def _find_classifier(model: nn.Module, num_classes: int) -> str:
+    """The last ``nn.Linear`` (registration order) with ``num_classes`` outputs, else the last
+    ``nn.Linear``, else the last ``nn.Conv2d`` with ``num_classes`` outputs (SqueezeNet)."""
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    for name, m in reversed(linears):
+        if m.out_features == num_classes:
+            return name
+    if linears:
+        return linears[-1][0]
+    for name, m in reversed(list(model.named_modules())):
+        if isinstance(m, nn.Conv2d) and m.out_channels == num_classes:
+            return name
+    raise CnnBenchError(f"cannot find the classifier of {type(model).__name__}")
+
+
+def _find_stages(model: nn.Module, classifier: str) -> list[str]:
+    """Top-level children that hold parameters, minus the one holding the classifier. When that
+    leaves a single container (e.g. ``features`` in EfficientNet, MobileNet, VGG), its children
+    with parameters are the stages instead. The stem is included: it cannot be told apart.
+    Hidden layers that share the classifier's container (AlexNet's and VGG's fc6/fc7) follow as
+    the last stages, so unfreezing every stage leaves nothing trainable-by-design frozen."""
+    def with_params(parent: nn.Module, prefix: str) -> list[str]:
+        return [prefix + n for n, m in parent.named_children()
+                if not (classifier == prefix + n or classifier.startswith(prefix + n + "."))
+                and any(True for _ in m.parameters())]
+
+    stages = with_params(model, "")
+    if len(stages) == 1:
+        inner = model.get_submodule(stages[0])
+        if isinstance(inner, (nn.Sequential, nn.ModuleList)):
+            stages = with_params(inner, stages[0] + ".")
+    parent, _, leaf = classifier.rpartition(".")
+    if parent:
+        for n, m in model.get_submodule(parent).named_children():
+            if n == leaf:
+                break
+            if any(True for _ in m.parameters()):
+                stages.append(f"{parent}.{n}")
+    return stages
+
+
+def _submodule_path(model: nn.Module, name: str) -> str | None:
+    """``name`` if it is a submodule path, else with '_' read as '.' (timm's older spelling)."""
+    if not name:
+        return None
+    for candidate in (name, name.replace("_", ".")):
+        try:
+            model.get_submodule(candidate)
+            return candidate
+        except AttributeError:
+            pass
+    return None
+
+
+class PassthroughModel(nn.Module):
+    """Wraps a library model (as ``self.model``) with the zoo's interface.
+
+    ``forward`` is the library model's own. ``forward_features`` runs it up to the classifier
+    (``classifier_name``, found by ``_find_classifier``) and returns the classifier's input;
+    ``forward_head`` applies the classifier. So ``forward == forward_head(forward_features)``
+    whenever the classifier is the last op of the library's forward, which holds for every
+    torchvision model whose head ends in a linear layer (not SqueezeNet, whose head is
+    conv -> ReLU -> pool: there ``forward_head`` returns the conv's map).
+    ``stage_names`` are found by ``_find_stages``.
+    """
+
+    def __init__(self, model: nn.Module, num_classes: int, source: str):
+        super().__init__()
+        self.model = model
+        self.source = source
+        classifier = _find_classifier(model, num_classes)
+        self.classifier_name = "model." + classifier
+        self.stage_names = ["model." + s for s in _find_stages(model, classifier)]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        captured: list[torch.Tensor] = []
+
+        def grab(_module, args):
+            captured.append(args[0])
+            raise _StopForward
+
+        handle = self.get_submodule(self.classifier_name).register_forward_pre_hook(grab)
+        try:
+            self.model(x)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        if not captured:
+            raise RuntimeError(f"{self.classifier_name} was not called by the forward pass")
+        return captured[0]
+
+    def forward_head(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.get_submodule(self.classifier_name)(feats)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+class TimmModel(PassthroughModel):
+    """A timm model: its own ``forward_features``/``forward_head`` (pooling included in the head),
+    its ``pretrained_cfg["classifier"]`` and ``feature_info`` module names where present."""
+
+    def __init__(self, model: nn.Module, num_classes: int):
+        super().__init__(model, num_classes, "timm")
+        cfg_classifier = getattr(model, "pretrained_cfg", {}).get("classifier") or ""
+        classifier = _submodule_path(model, cfg_classifier)
+        if classifier and isinstance(model.get_submodule(classifier), (nn.Linear, nn.Conv2d)):
+            self.classifier_name = "model." + classifier
+        info = getattr(model, "feature_info", None)
+        if info:
+            names = [_submodule_path(model, f["module"]) for f in info]
+            if all(names):
+                self.stage_names = ["model." + n for n in names]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(x)
+
+    def forward_head(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(feats)
+
+
+def _torchvision(name: str, num_classes: int, **kwargs) -> PassthroughModel:
+    import torchvision
+
+    # Classification models only: detection/segmentation/video builders take other arguments.
+    available = torchvision.models.list_models(module=torchvision.models)
+    if name not in available:
+        raise CnnBenchError(f"unknown torchvision model '{name}': {did_you_mean(name, available)}")
+    try:
+        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+    except TypeError as e:
+        raise CnnBenchError(f"torchvision model '{name}' rejected its options {kwargs}: {e}") from None
+    return PassthroughModel(model, num_classes, "torchvision")
+
+
+def _timm(name: str, num_classes: int, **kwargs) -> TimmModel:
+    if importlib.util.find_spec("timm") is None:
+        raise CnnBenchError("timm is not installed: pip install timm")
+    timm = importlib.import_module("timm")
+    if not timm.is_model(name.split(".")[0]):  # "arch.pretrained_tag" names are valid too
+        raise CnnBenchError(f"unknown timm model '{name}': {did_you_mean(name, timm.list_models())}")
+    try:
+        model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+    except TypeError as e:
+        raise CnnBenchError(f"timm model '{name}' rejected its options {kwargs}: {e}") from None
+    return TimmModel(model, num_classes)
+
+
+@register_model(name="torchvision")
+def torchvision_model(num_classes: int = 1000, name: str = "resnet18", **kwargs) -> PassthroughModel:
+    """Any torchvision classification model, untrained: ``torchvision.models.get_model(name)``."""
+    return _torchvision(name, num_classes, **kwargs)
+
+
+@register_model(name="timm")
+def timm_model(num_classes: int = 1000, name: str = "resnet18", **kwargs) -> TimmModel:
+    """Any timm model, untrained: ``timm.create_model(name)`` (needs ``pip install timm``)."""
+    return _timm(name, num_classes, **kwargs)

@@ -1,0 +1,95 @@
+"""The Hydra callback that checks a sweep before it starts and reports it when it ends.
+
+Registered in ``conf/config.yaml`` under ``hydra.callbacks.sweep``. Runs on the machine that
+launched the sweep (also with the SLURM launcher), never inside a job.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from cnn_bench.sweep.results import collect
+from cnn_bench.sweep.status import FAILED, INTERRUPTED, one_line_reason
+
+log = logging.getLogger("cnn_bench.sweep")
+
+
+def _sweep_overrides(config: DictConfig) -> list[str]:
+    params = OmegaConf.select(config, "hydra.sweeper.params") or {}
+    task = list(OmegaConf.select(config, "hydra.overrides.task") or [])
+    return [f"{k}={v}" for k, v in params.items()] + task
+
+
+def check_sweep(config: DictConfig) -> str | None:
+    """A one-line problem with the sweep's job names, or ``None``.
+
+    Keys left out of job directory names (``exclude_keys``: paths such as ``dataset.root``)
+    must not take several values, or two jobs would share one directory and one would skip
+    the other as finished.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    excluded = set(OmegaConf.select(config, "hydra.job.config.override_dirname.exclude_keys") or [])
+    try:
+        overrides = OverridesParser.create().parse_overrides(_sweep_overrides(config))
+    except Exception:  # noqa: BLE001  (Hydra reports unparsable overrides itself)
+        return None
+    for ov in overrides:
+        key = ov.key_or_group
+        if key in excluded and ov.is_sweep_override():
+            return (f"{key} takes several values, but it is left out of job directory names "
+                    f"(hydra.job.config.override_dirname.exclude_keys), so jobs would collide; "
+                    f"run one sweep per {key} (each with its own hydra.sweep.dir)")
+        if key not in excluded and not key.startswith("hydra") and os.sep in ov.input_line.split("=", 1)[-1]:
+            log.warning("%s has a path-like value: job directories will nest; add it to "
+                        "hydra.job.config.override_dirname.exclude_keys", key)
+    return None
+
+
+def finish_sweep(sweep_dir: str | Path) -> int:
+    """Write the report, print the job summary, and return the exit status (1 if a job failed)."""
+    from cnn_bench.report import MD_NAME, status_line, write_report
+
+    sweep_dir = Path(sweep_dir)
+    try:
+        rows = write_report(sweep_dir)
+        report = sweep_dir / MD_NAME
+    except Exception as e:  # noqa: BLE001  (a broken report must not hide the jobs' outcome)
+        log.exception("the sweep report failed: %s", one_line_reason(e))
+        rows, report = collect(sweep_dir), None
+    print(f"sweep {sweep_dir}: {status_line(rows)}")
+    for r in rows:
+        if r.status in (FAILED, INTERRUPTED):
+            print(f"  {r.status:<11} {r.job}: {r.reason or 'no reason recorded'}")
+    if report is not None:
+        print(f"report: {report}")
+    sys.stdout.flush()
+    return 1 if any(r.status in (FAILED, INTERRUPTED) for r in rows) else 0
+
+
+class SweepCallback(Callback):
+    """Refuses sweeps whose jobs would share a directory; reports and sets the exit status at the end.
+
+    Jobs record failures in their ``status.json`` instead of raising (see
+    :mod:`cnn_bench.sweep.job`), so the sweep always gets here; a failed job then makes the
+    process exit with status 1. The exit status covers every job in the sweep directory,
+    including jobs of earlier runs into the same ``hydra.sweep.dir``.
+    """
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        problem = check_sweep(config)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            raise SystemExit(2)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        code = finish_sweep(config.hydra.sweep.dir)
+        if code:
+            raise SystemExit(code)

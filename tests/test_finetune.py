@@ -1,0 +1,79 @@
+"""Frozen backbones really stay frozen, their heads really train, early stopping stops."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import cnn_bench.train as train_mod
+from cnn_bench.checkpoint import load_checkpoint
+from cnn_bench.early_stopping import improved
+from conftest import compose_config, tiny_overrides
+
+
+def _train_capturing_init(monkeypatch, cfg):
+    """Run training; return (initial state dict, final state dict, summary)."""
+    captured = {}
+    real = train_mod.build_model
+
+    def capture(*a, **k):
+        model = real(*a, **k)
+        captured["init"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        captured["model"] = model
+        return model
+
+    monkeypatch.setattr(train_mod, "build_model", capture)
+    summary = train_mod.run(cfg)
+    final = load_checkpoint(cfg.output_dir + "/checkpoints/last.pt")["model"]
+    return captured, final, summary
+
+
+def _changed(init: dict, final: dict) -> set[str]:
+    return {k for k in init if not torch.equal(init[k], final[k])}
+
+
+def test_head_trains_only_the_classifier(tiny_folder, tmp_path, monkeypatch):
+    cfg = compose_config(tiny_overrides(tiny_folder, tmp_path, "finetune=head", "trainer.epochs=1"))
+    cap, final, summary = _train_capturing_init(monkeypatch, cfg)
+    head = cap["model"].classifier_name
+    changed = _changed(cap["init"], final)
+    head_keys = {k for k in cap["init"] if k.startswith(head + ".")}
+    assert changed == {k for k in head_keys if "weight" in k or "bias" in k}, changed
+    # BN running stats of the frozen backbone did not move (eval mode), bitwise.
+    assert any("running_mean" in k for k in cap["init"])
+    assert summary["trainable_params"] == sum(cap["init"][k].numel() for k in head_keys)
+
+
+def test_partial_trains_last_stage_and_head(tiny_folder, tmp_path, monkeypatch):
+    cfg = compose_config(tiny_overrides(tiny_folder, tmp_path, "finetune=partial",
+                                        "finetune.unfreeze_stages=1", "trainer.epochs=1"))
+    cap, final, _ = _train_capturing_init(monkeypatch, cfg)
+    model = cap["model"]
+    last_stage, head = model.stage_names[-1], model.classifier_name
+    changed = _changed(cap["init"], final)
+    owners = {k.split(".num_batches_tracked")[0] for k in changed}
+    assert all(k.startswith((last_stage + ".", head + ".")) for k in owners), owners
+    expected = {k for k in cap["init"] if k.startswith(last_stage + ".")
+                and "num_batches_tracked" not in k}
+    assert expected <= changed  # every weight and BN statistic of the last stage moved
+
+
+def test_early_stopping_on_plateau(tiny_folder, tmp_path):
+    # lr = 0: nothing changes, so val/acc is flat from epoch 1 and patience 2 stops at epoch 3.
+    cfg = compose_config(tiny_overrides(tiny_folder, tmp_path, "optimizer.lr=0", "trainer.epochs=6",
+                                        "trainer.early_stopping.patience=2",
+                                        "augmentation=none"))
+    summary = train_mod.run(cfg)
+    assert summary["epochs"] == 3
+    assert summary["stop_reason"].startswith("early stopping: val/acc did not improve")
+
+
+@pytest.mark.parametrize("value, best, mode, min_delta, expected", [
+    (0.5, None, "max", 0.0, True), (0.5, 0.4, "max", 0.0, True), (0.4, 0.5, "max", 0.0, False),
+    (0.41, 0.4, "max", 0.05, False), (math.nan, None, "max", 0.0, False),
+    (math.nan, 0.1, "min", 0.0, False), (0.1, 0.2, "min", 0.0, True),
+])
+def test_improved(value, best, mode, min_delta, expected):
+    assert improved(value, best, mode, min_delta) is expected

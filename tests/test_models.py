@@ -1,0 +1,408 @@
+"""The model zoo: every model trains at 32/64/224 px, matches torchvision where it claims to,
+hits the papers' sizes and costs, and fails with one-line errors on bad names and options."""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from omegaconf import OmegaConf
+from torch import nn
+
+from cnn_bench.errors import CnnBenchError
+from cnn_bench.models import (build_model, count_flops, count_params, get_model, list_models,
+                              resolve_stem)
+from cnn_bench.models.external import PASSTHROUGHS
+from cnn_bench.models.registry import _MODELS
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF = ROOT / "conf" / "model"
+HAS_TIMM = importlib.util.find_spec("timm") is not None
+NUM_CLASSES = 10
+META_KEYS = {"source", "name", "pretrained", "weights"}
+
+# ours -> torchvision's name, for models whose state dicts must be interchangeable.
+TORCHVISION_TWINS = {
+    "alexnet": "alexnet", "resnet18": "resnet18", "resnet34": "resnet34", "resnet50": "resnet50",
+    "resnet101": "resnet101", "resnet152": "resnet152", "mobilenet_v2": "mobilenet_v2",
+    "regnetx_400mf": "regnet_x_400mf", "regnety_400mf": "regnet_y_400mf",
+}
+
+
+def _cfg(name: str) -> dict:
+    """The model's YAML, as Hydra would hand it to build_model."""
+    return OmegaConf.to_container(OmegaConf.load(CONF / f"{name}.yaml"))
+
+
+def _zoo(pattern: str = "*") -> list[str]:
+    return [n for n in list_models(pattern) if n not in PASSTHROUGHS]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+# --- every model: forward + backward ------------------------------------------------------------
+
+# The deep ResNets repeat resnet50's blocks: 32 and 64 px only, to keep the suite fast on CPU.
+SLOW_AT_224 = {"resnet101", "resnet152"}
+CASES = [(n, r) for n in list_models() for r in (32, 64, 224) if not (r == 224 and n in SLOW_AT_224)]
+
+
+@pytest.mark.parametrize("name,resolution", CASES)
+def test_forward_backward(name, resolution):
+    if name == "timm" and not HAS_TIMM:
+        pytest.skip("timm is not installed (its error path is tested below)")
+    model = build_model(_cfg(name), NUM_CLASSES, resolution)
+    model.train()
+    out = model(torch.randn(2, 3, resolution, resolution))
+    assert out.shape == (2, NUM_CLASSES)
+    assert torch.isfinite(out).all()
+    out.square().mean().backward()
+    for pname, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None, f"{pname} got no gradient"
+            assert torch.isfinite(p.grad).all(), f"{pname} has a non-finite gradient"
+
+
+@pytest.mark.parametrize("name", [n for n in _zoo() if n not in SLOW_AT_224])
+@pytest.mark.parametrize("resolution", [33, 97])
+def test_odd_resolutions(name, resolution):
+    model = build_model(_cfg(name), NUM_CLASSES, resolution).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, resolution, resolution)).shape == (1, NUM_CLASSES)
+
+
+@pytest.mark.parametrize("name", [n for n in list_models() if n != "timm" or HAS_TIMM])
+def test_interface(name):
+    model = build_model(_cfg(name), NUM_CLASSES, 64).eval()
+    head = model.get_submodule(model.classifier_name)
+    assert isinstance(head, nn.Linear) and head.out_features == NUM_CLASSES
+    assert model.stage_names, "no stages"
+    order = [n for n, _ in model.named_modules()]
+    idx = [order.index(s) for s in model.stage_names]  # raises if a path does not exist
+    assert idx == sorted(idx), "stages are not in input -> output order"
+    assert not any(s == model.classifier_name or model.classifier_name.startswith(s + ".")
+                   for s in model.stage_names), "the classifier is inside a stage"
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model.forward_head(model.forward_features(x)))
+
+
+# --- torchvision compatibility ------------------------------------------------------------------
+
+@pytest.mark.parametrize("ours,theirs", list(TORCHVISION_TWINS.items()))
+def test_param_count_matches_torchvision(ours, theirs):
+    expected = count_params(torchvision.models.get_model(theirs, weights=None))
+    assert count_params(get_model(ours, 1000, stem="imagenet", width_mult=1.0)) == expected
+
+
+@pytest.mark.parametrize("ours", ["alexnet", "resnet18", "resnet50", "mobilenet_v2",
+                                  "regnetx_400mf", "regnety_400mf"])
+def test_torchvision_state_dict_loads_and_gives_equal_logits(ours):
+    theirs = torchvision.models.get_model(TORCHVISION_TWINS[ours], weights=None).eval()
+    model = get_model(ours, 1000, stem="imagenet").eval()
+    model.load_state_dict(theirs.state_dict(), strict=True)
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        assert torch.equal(model(x), theirs(x))
+
+
+# --- papers' sizes and costs ----------------------------------------------------------------------
+
+def _macs(name: str, resolution: int = 224, **kw) -> float:
+    return count_flops(get_model(name, 1000, stem="imagenet", **kw), resolution) / 2
+
+
+def test_mobilenet_v2_matches_paper():
+    assert _macs("mobilenet_v2") == pytest.approx(300e6, rel=0.05)
+
+
+def test_mobilenet_v1_matches_paper():
+    assert _macs("mobilenet_v1") == pytest.approx(569e6, rel=0.05)
+    assert count_params(get_model("mobilenet_v1", 1000)) == pytest.approx(4.2e6, rel=0.05)
+
+
+def test_regnetx_200mf_matches_paper():
+    from cnn_bench.models.regnet import VARIANTS
+
+    stages = VARIANTS["regnetx_200mf"].stages()
+    assert [w for w, _, _ in stages] == [24, 56, 152, 368]
+    assert [d for _, d, _ in stages] == [1, 1, 4, 7]
+    assert count_params(get_model("regnetx_200mf", 1000)) == pytest.approx(2.7e6, rel=0.05)
+    assert _macs("regnetx_200mf") == pytest.approx(200e6, rel=0.05)
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v1", "mobilenet_v2", "c_mobilenet_v2", "resnet18",
+                                  "regnetx_200mf", "regnety_400mf", "alexnet"])
+def test_cost_shrinks_with_width_mult(name):
+    models = [get_model(name, 1000, stem="imagenet", width_mult=a) for a in (1.0, 0.75, 0.5, 0.35)]
+    flops = [count_flops(m, 224) for m in models]
+    params = [count_params(m) for m in models]
+    assert flops == sorted(flops, reverse=True) and len(set(flops)) == 4, flops
+    assert params == sorted(params, reverse=True) and len(set(params)) == 4, params
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v1", "mobilenet_v2", "resnet18", "regnety_400mf"])
+def test_flops_shrink_with_resolution(name):
+    model = get_model(name, 1000, stem="imagenet")
+    flops = [count_flops(model, r) for r in (224, 192, 160, 128, 96)]
+    assert flops == sorted(flops, reverse=True) and len(set(flops)) == 5, flops
+
+
+def test_mobilenet_v2_last_conv_width():
+    # The paper keeps 1280 for alpha < 1 and widens it for alpha > 1.
+    assert get_model("mobilenet_v2", width_mult=0.5).num_features == 1280
+    assert get_model("mobilenet_v2", width_mult=1.4).num_features == 1792
+    assert get_model("mobilenet_v1", width_mult=0.5).num_features == 512
+
+
+# --- family details ---------------------------------------------------------------------------------
+
+def test_alexnet_v1_is_the_papers_network():
+    model = get_model("alexnet_v1", 1000)
+    convs = [m for m in model.features if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [96, 256, 384, 384, 256]
+    assert sum(isinstance(m, nn.LocalResponseNorm) for m in model.features) == 2
+    pools = [m for m in model.features if isinstance(m, nn.MaxPool2d)]
+    assert len(pools) == 3 and all(p.kernel_size == 3 and p.stride == 2 for p in pools)
+    drops = [m for m in model.classifier if isinstance(m, nn.Dropout)]
+    assert len(drops) == 2 and all(d.p == 0.5 for d in drops)
+    names = [n for n, _ in model.named_modules()]
+    assert len(names) == len(set(names))
+    # fc6 and fc7 are the last stages: unfreezing them all leaves only the stem (conv1) frozen.
+    assert model.stage_names[-2:] == ["classifier.1", "classifier.4"]
+
+
+def test_alexnet_imagenet_stem_too_small_is_a_clear_error():
+    with pytest.raises(CnnBenchError, match="stem=cifar"):
+        get_model("alexnet", 10, stem="imagenet")(torch.randn(1, 3, 32, 32))
+
+
+@pytest.mark.parametrize("name", _zoo("resnet*"))
+def test_resnet_projection_only_where_shape_changes(name):
+    model = get_model(name, 10, stem="imagenet")
+    for stage in model.stage_names:
+        for i, block in enumerate(model.get_submodule(stage)):
+            cin = block.conv1.in_channels
+            cout = (block.bn3 if hasattr(block, "bn3") else block.bn2).num_features
+            strided = block.conv1.stride != (1, 1) or block.conv2.stride != (1, 1)
+            changes = strided or cin != cout
+            assert (block.downsample is not None) == changes, f"{stage}.{i}"
+
+
+def test_resnet_zero_init_residual():
+    from cnn_bench.models.resnet import BasicBlock, Bottleneck
+
+    for name, last in (("resnet18", "bn2"), ("resnet50", "bn3")):
+        model = get_model(name, zero_init_residual=True)
+        blocks = [m for m in model.modules() if isinstance(m, (BasicBlock, Bottleneck))]
+        assert blocks and all(getattr(b, last).weight.abs().sum() == 0 for b in blocks)
+        assert model.bn1.weight.abs().sum() > 0
+    plain = get_model("resnet18")
+    assert plain.layer1[0].bn2.weight.abs().sum() > 0
+
+
+def test_mobilenet_v2_residual_only_when_shapes_match():
+    model = get_model("mobilenet_v2")
+    blocks = list(model.features)[1:-1]
+    assert len(blocks) == 17
+    for b in blocks:
+        dw = [m for m in b.conv.modules() if isinstance(m, nn.Conv2d) and m.groups > 1][0]
+        cin = b.conv[0][0].in_channels
+        assert b.use_res_connect == (dw.stride == (1, 1) and cin == b.out_channels)
+    assert sum(b.use_res_connect for b in blocks) == 10
+
+
+def test_c_mobilenet_v2_has_a_residual_path_in_every_block():
+    model = get_model("c_mobilenet_v2", 10, stem="cifar").eval()
+    blocks = list(model.features)[1:-1]
+    assert len(blocks) == 17
+    x = torch.randn(2, 32, 16, 16)
+    for i, block in enumerate(blocks):
+        assert hasattr(block, "shortcut"), f"block {i} has no shortcut"
+        if block.conv[0][0].in_channels != x.shape[1]:
+            x = torch.randn(2, block.conv[0][0].in_channels, 16, 16)
+        # Silence the main branch: what remains is the residual path alone.
+        nn.init.zeros_(block.conv[-1].weight)
+        nn.init.zeros_(block.conv[-1].bias)
+        with torch.no_grad():
+            out = block(x)
+            torch.testing.assert_close(out, block.act(block.shortcut(x)))
+        assert out.abs().sum() > 0, f"block {i}'s output does not depend on its shortcut"
+        x = out
+
+
+def test_bifpn_fusion_weights_learn_and_stay_non_negative():
+    from cnn_bench.models.bifpn import FastNormalizedFusion
+
+    model = get_model("regnet_bifpn", 10, stem="cifar", backbone="regnetx_200mf")
+    fusions = [m for m in model.modules() if isinstance(m, FastNormalizedFusion)]
+    assert len(fusions) == 3 * 8
+    assert all(torch.equal(f.weight, torch.ones_like(f.weight)) for f in fusions)
+    before = [f.weight.detach().clone() for f in fusions]
+    opt = torch.optim.SGD(model.parameters(), lr=10.0)
+    with torch.autograd.set_detect_anomaly(True):
+        loss = nn.functional.cross_entropy(model(torch.randn(2, 3, 32, 32)), torch.tensor([1, 2]))
+        loss.backward()
+    opt.step()
+    assert any(not torch.equal(b, f.weight) for b, f in zip(before, fusions))
+    for f in fusions:
+        w = f.fusion_weights()
+        assert (w >= 0).all() and w.sum() <= 1
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randn(2, 3, 32, 32))).all()
+
+
+@pytest.mark.parametrize("resolution", [32, 64, 65])
+@pytest.mark.parametrize("stem", ["cifar", "imagenet"])
+def test_bifpn_study_head(resolution, stem):
+    model = get_model("regnet_bifpn", 10, stem=stem, head="study", backbone="regnetx_200mf")
+    assert model.classifier_name == "head.mlp.3"
+    assert model.stage_names[-3:] == ["neck", "head.conv", "head.mlp.0"]
+    out = model(torch.randn(2, 3, resolution, resolution))
+    assert out.shape == (2, 10)
+    out.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_bifpn_pyramid_levels():
+    model = get_model("regnet_bifpn", 10, stem="imagenet", feature_size=32).eval()
+    with torch.no_grad():
+        feats = model.forward_features(torch.randn(1, 3, 224, 224))
+    assert [tuple(f.shape[1:]) for f in feats] == [(32, 28, 28), (32, 14, 14), (32, 7, 7),
+                                                    (32, 4, 4), (32, 2, 2)]
+    assert model.stage_names[-1] == "neck"
+
+
+# --- errors -----------------------------------------------------------------------------------------
+
+def test_unknown_model_name_suggests_close_match():
+    with pytest.raises(CnnBenchError, match="resnet50"):
+        get_model("resnet5O")
+    with pytest.raises(CnnBenchError, match="resnet50"):
+        build_model({"name": "resnet5O", "stem": "auto"}, 10, 32)
+
+
+def test_unknown_option():
+    with pytest.raises(CnnBenchError, match="zero_init_residual"):
+        get_model("resnet18", zero_init_residul=True)
+    with pytest.raises(CnnBenchError, match="no option 'depth'"):
+        build_model({**_cfg("mobilenet_v2"), "depth": 3}, 10, 32)
+
+
+@pytest.mark.parametrize("kw", [{"stem": "auto"}, {"stem": "tiny"}, {"width_mult": 0},
+                                {"head": "pooledd"}, {"backbone": "regnetx_800mf"},
+                                {"num_layers": 0}])
+def test_bad_option_values(kw):
+    with pytest.raises(CnnBenchError):
+        get_model("regnet_bifpn", 10, **kw)
+
+
+# --- build_model, passthroughs, profile -------------------------------------------------------------
+
+def test_stem_auto_rule():
+    assert resolve_stem("auto", 32) == resolve_stem("auto", 64) == "cifar"
+    assert resolve_stem("auto", 65) == resolve_stem("auto", 224) == "imagenet"
+    assert resolve_stem("imagenet", 32) == "imagenet"
+    assert isinstance(build_model(_cfg("resnet18"), 10, 32).maxpool, nn.Identity)
+    assert isinstance(build_model(_cfg("resnet18"), 10, 224).maxpool, nn.MaxPool2d)
+
+
+def test_pretrained_is_not_supported_yet():
+    with pytest.raises(CnnBenchError, match="model.pretrained is not supported yet"):
+        build_model({**_cfg("resnet18"), "pretrained": True}, 10, 32)
+
+
+def test_build_model_accepts_hydra_config():
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF.parent), version_base=None):
+        cfg = compose(overrides=["+model=mobilenet_v2", "model.width_mult=0.5"])
+    model = build_model(cfg.model, 10, 32)
+    assert model.features[0][0].out_channels == 16 and model.features[0][0].stride == (1, 1)
+
+
+def test_torchvision_passthrough():
+    model = build_model({**_cfg("torchvision"), "name": "mobilenet_v3_small"}, 10, 64)
+    assert model.classifier_name == "model.classifier.3"
+    assert model.stage_names[0] == "model.features.0"
+    tv = build_model(_cfg("torchvision"), 10, 64)
+    assert tv.classifier_name == "model.fc"
+    assert tv.stage_names == ["model.conv1", "model.bn1", "model.layer1", "model.layer2",
+                              "model.layer3", "model.layer4"]
+    # extra options reach torchvision's builder
+    model = build_model({**_cfg("torchvision"), "name": "efficientnet_b0", "dropout": 0.3}, 10, 64)
+    assert model.model.classifier[0].p == 0.3
+
+
+def test_torchvision_unknown_name():
+    with pytest.raises(CnnBenchError, match="resnet50"):
+        build_model({**_cfg("torchvision"), "name": "resnet5O"}, 10, 32)
+    with pytest.raises(CnnBenchError, match="foo"):
+        build_model({**_cfg("torchvision"), "foo": 1}, 10, 32)
+
+
+@pytest.mark.skipif(HAS_TIMM, reason="timm is installed")
+def test_timm_missing_is_a_clear_error():
+    with pytest.raises(CnnBenchError, match=r"timm is not installed: pip install timm"):
+        build_model(_cfg("timm"), 10, 32)
+
+
+def test_count_flops_restores_modes_and_counts_macs_twice():
+    model = get_model("resnet18", 10, stem="cifar")
+    model.train()
+    model.layer1.eval()
+    flops = count_flops(model, 32)
+    assert model.training and not model.layer1.training and model.layer2.training
+    assert flops > 0
+    # a 4x4 RGB image is 48 inputs: 48 * 7 multiply-adds, 2 FLOPs each
+    assert count_flops(nn.Sequential(nn.Flatten(), nn.Linear(48, 7)), 4) == 2 * 48 * 7
+    linear = nn.Linear(100, 7, bias=False)
+    assert count_params(linear) == 700
+    linear.weight.requires_grad_(False)
+    assert count_params(linear, trainable_only=True) == 0
+
+
+# --- configs and CLI ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", list_models())
+def test_yaml_lists_every_option(name):
+    cfg = _cfg(name)
+    assert cfg["pretrained"] is False and cfg["weights"] is None
+    params = inspect.signature(_MODELS.get(name)).parameters
+    if name in PASSTHROUGHS:
+        assert cfg["source"] == name and cfg["name"] == params["name"].default
+        assert set(cfg) == META_KEYS
+        return
+    assert cfg["name"] == name and cfg.get("source", "zoo") == "zoo"
+    assert cfg["stem"] == "auto"
+    options = {k: p.default for k, p in params.items() if k != "num_classes"}
+    assert set(cfg) - META_KEYS == set(options)
+    assert {k: v for k, v in cfg.items() if k not in META_KEYS | {"stem"}} == \
+        {k: v for k, v in options.items() if k != "stem"}
+
+
+def test_every_yaml_is_a_registered_model():
+    assert sorted(p.stem for p in CONF.glob("*.yaml")) == list_models()
+
+
+def test_cli_prints_a_row():
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    res = subprocess.run([sys.executable, "-m", "cnn_bench.models", "resnet18", "--resolution",
+                          "32", "--num-classes", "10"], capture_output=True, text=True, env=env,
+                         cwd=ROOT, timeout=120)
+    assert res.returncode == 0, res.stderr
+    rows = [line for line in res.stdout.splitlines() if line.startswith("resnet18")]
+    assert len(rows) == 1 and "11.17M" in rows[0] and "[1, 10]" in rows[0]
+    bad = subprocess.run([sys.executable, "-m", "cnn_bench.models", "resnet5O"],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert bad.returncode == 2 and "resnet50" in bad.stderr and "Traceback" not in bad.stderr
