@@ -65,5 +65,6 @@ def validate(cfg: DictConfig) -> None:
             raise CnnBenchError(f"{key} must be one of {', '.join(map(str, choices))}; got {value!r}")
         if minimum is not None and kind in (_INT, _FLOAT) and value < minimum:
             raise CnnBenchError(f"{key} must be >= {minimum}, got {value}")
-    if not 0 <= cfg.dataset.get("val_fraction", 0) < 1:
-        raise CnnBenchError(f"dataset.val_fraction must be in [0, 1), got {cfg.dataset.val_fraction}")
+    val_fraction = OmegaConf.select(cfg, "dataset.val_fraction", default=0.0)
+    if not 0 <= val_fraction < 1:
+        raise CnnBenchError(f"dataset.val_fraction must be in [0, 1), got {val_fraction}")

@@ -103,7 +103,7 @@ def acc_vs_flops(rows: list[JobRow]) -> Figure:
     else:
         _empty(ax)
     _finish(fig, ax, "GFLOPs per image (forward)",
-            "Accuracy vs FLOPs (points: resolution in px; hollow: unfinished)")
+            "Accuracy vs FLOPs (point labels: resolution in px)")
     return fig
 
 
@@ -119,7 +119,7 @@ def acc_vs_params(rows: list[JobRow]) -> Figure:
     else:
         _empty(ax)
     _finish(fig, ax, "parameters (millions)",
-            "Accuracy vs parameters (points: width multiplier; hollow: unfinished)")
+            "Accuracy vs parameters (point labels: width multiplier)")
     return fig
 
 

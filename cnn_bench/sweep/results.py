@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from cnn_bench.sweep.status import DONE, FAILED, INTERRUPTED, RUNNING, read_status
 
 # Directories inside a job that never hold another job.
-_NOT_JOBS = {"tb", "checkpoints", "eval", ".hydra", "__pycache__"}
+_NOT_JOBS = {"tb", "checkpoints", "eval", ".hydra", ".submitit", "__pycache__"}
 
 
 @dataclass

@@ -90,13 +90,18 @@ def task_reference(task: TaskFunction) -> dict:
 def _extra_paths() -> list[str]:
     """This process's import paths beyond the interpreter's own (the app's dir, test dirs, ...)."""
     prefixes = {os.path.abspath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
-    return [os.path.abspath(p) for p in sys.path
-            if p and not any(os.path.abspath(p).startswith(pre + os.sep) for pre in prefixes)]
+    paths = [os.path.abspath(p or os.curdir) for p in sys.path]  # "" is the current directory
+    # Entries that are no files (import hooks of editable installs) come back via site-packages.
+    return [p for p in dict.fromkeys(paths) if os.path.exists(p)
+            and not any(p.startswith(pre + os.sep) for pre in prefixes)]
 
 
 def _died(code: int) -> str:
     if code < 0:
-        name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
         hint = " (out of memory?)" if -code == signal.SIGKILL else ""
         return f"worker process killed by {name}{hint}"
     return f"worker process exited with code {code} without a result"

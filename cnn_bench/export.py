@@ -1,0 +1,57 @@
+"""``python -m cnn_bench.export ckpt=PATH [format=safetensors|pt] [out=PATH]``
+
+Writes a checkpoint's model weights alone (no optimizer or RNG state), for sharing. The
+safetensors file carries the run's config and class names as metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from cnn_bench.checkpoint import atomic_save, load_checkpoint
+from cnn_bench.cli import fail
+from cnn_bench.errors import CnnBenchError
+
+FORMATS = {"safetensors": ".safetensors", "pt": ".pt"}
+
+
+def export(ckpt: str | Path, fmt: str = "safetensors", out: str | Path | None = None) -> Path:
+    """Export the model state dict of a cnn_bench checkpoint; return the written path."""
+    if fmt not in FORMATS:
+        raise CnnBenchError(f"format must be one of {', '.join(FORMATS)}; got '{fmt}'")
+    ck = load_checkpoint(ckpt)
+    out = Path(out) if out else Path(ckpt).with_name(Path(ckpt).stem + "_weights" + FORMATS[fmt])
+    # safetensors refuses views into shared storage; contiguous copies are what a reader wants.
+    state = {k: v.detach().contiguous().cpu() for k, v in ck["model"].items()}
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        meta = {"format": "cnn_bench.weights/1", "config": ck["config"],
+                "classes": json.dumps(ck["classes"]), "num_classes": str(ck["num_classes"]),
+                "resolution": str(ck["resolution"])}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(out.suffix + ".tmp")
+        save_file(state, str(tmp), metadata=meta)
+        tmp.replace(out)
+    else:
+        atomic_save(state, out)
+    return out
+
+
+def main(argv: list[str]) -> None:
+    args = OmegaConf.from_dotlist([a for a in argv if "=" in a])
+    if not args.get("ckpt"):
+        fail("ckpt=PATH is required, e.g. ckpt=outputs/<run>/checkpoints/best.pt format=safetensors")
+    try:
+        path = export(args.ckpt, args.get("format", "safetensors"), args.get("out"))
+    except CnnBenchError as e:
+        fail(str(e))
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,89 @@
+"""Every ``conf/experiment/*.yaml`` composes, says what its study used, and trains one batch on CPU."""
+
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
+
+from cnn_bench.config import CONF_DIR, validate
+from conftest import compose_config
+from datagen import make_imagefolder
+
+EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+
+# What each study's one-liner must set (key -> value in the composed config).
+EXPECTED = {
+    "regnet_bifpn_cifar10": {"model.name": "regnet_bifpn", "model.backbone": "regnety_400mf",
+                             "model.head": "study", "dataset.name": "cifar10"},
+    "mobilenet_sweep": {"dataset.name": "imagefolder", "augmentation.name": "seed",
+                        "optimizer.name": "adam", "optimizer.lr": 1e-3,
+                        "trainer.batch_size": 192, "trainer.epochs": 10},
+    "alexnet_finetune": {"model.name": "alexnet", "model.pretrained": False,
+                         "dataset.name": "imagefolder", "dataset.val_fraction": 0.2,
+                         "dataset.num_classes": 2, "optimizer.name": "sgd",
+                         "optimizer.momentum": 0.9, "optimizer.lr": 1e-3},
+    "resnet50_10class": {"model.name": "resnet50", "dataset.name": "imagefolder",
+                         "dataset.resolution": 224, "dataset.val_fraction": 0.1,
+                         "dataset.num_classes": 10, "dataset.mean": [0.485, 0.456, 0.406],
+                         "dataset.std": [0.229, 0.224, 0.225], "optimizer.name": "adam",
+                         "optimizer.lr": 1e-4},
+    "cifar10_resnet18": {"model.name": "resnet18", "model.stem": "cifar", "dataset.name": "cifar10",
+                         "optimizer.name": "sgd", "optimizer.nesterov": True,
+                         "augmentation.label_smoothing": 0.1, "trainer.batch_size": 512},
+    "cifar10_speedrun": {"model.name": "speednet", "dataset.name": "cifar10",
+                         "dataset.resolution": 32, "augmentation.label_smoothing": 0.2,
+                         "trainer.batch_size": 1024, "trainer.compile": True},
+}
+
+
+def test_every_study_has_an_experiment():
+    assert set(EXPERIMENTS) == set(EXPECTED)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_composes_with_the_study_settings(name):
+    path = CONF_DIR / "experiment" / f"{name}.yaml"
+    assert path.read_text().startswith("# @package _global_\n")
+    cfg = compose_config([f"experiment={name}"])
+    validate(cfg)
+    for key, value in EXPECTED[name].items():
+        got = OmegaConf.select(cfg, key)
+        got = OmegaConf.to_container(got) if OmegaConf.is_config(got) else got
+        assert got == (pytest.approx(value) if isinstance(value, float) else value), key
+
+
+def test_mobilenet_sweep_is_the_3x4x5_grid():
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", ["experiment=mobilenet_sweep"], return_hydra_config=True)
+    params = {k: str(v).split(",") for k, v in cfg.hydra.sweeper.params.items()}
+    assert params == {"model": ["mobilenet_v1", "mobilenet_v2", "c_mobilenet_v2"],
+                      "model.width_mult": ["1.0", "0.75", "0.5", "0.35"],
+                      "dataset.resolution": ["224", "192", "160", "128", "96"]}
+    for model in params["model"]:  # every swept value composes
+        compose_config(["experiment=mobilenet_sweep", f"model={model}"])
+
+
+@pytest.fixture(scope="module")
+def train_val_folder(tmp_path_factory):
+    """3 classes x 4 train / 4 val images: no test split, so a run ends after its one val batch."""
+    return make_imagefolder(tmp_path_factory.mktemp("train_val"), per_class=4)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_trains_one_batch_on_cpu(name, train_val_folder, tmp_path):
+    from cnn_bench import train as train_mod
+
+    # The study's recipe on tiny data: one batch of 2 images at 16 px, no last.pt (AlexNet's is
+    # ~0.5 GB with optimizer state); torch.compile is off, it would take minutes on CPU.
+    cfg = compose_config([
+        f"experiment={name}", "dataset=imagefolder", f"dataset.root={train_val_folder}",
+        "dataset.resolution=16", "dataset.num_classes=null", "trainer.batch_size=2",
+        "trainer.epochs=1", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
+        "trainer.device=cpu", "trainer.progress=false", "trainer.compile=false",
+        "trainer.save_last=false", f"output_dir={tmp_path}"])
+    summary = train_mod.run(cfg)
+    assert summary["steps"] == 1 and summary["epochs"] == 1
+    assert summary["model"] == OmegaConf.select(cfg, "model.name")

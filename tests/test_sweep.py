@@ -1,0 +1,405 @@
+"""Sweeps: job names, failure isolation, skip/resume, identical initial weights, the report,
+and the parallel ``local_gpus`` launcher. All on speednet_s at 16-32 px with tiny generated data.
+
+Module-level imports stay light (no torch): the launcher's worker processes import this module
+to find the task functions below.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
+
+from cnn_bench import cli
+from cnn_bench.config import CONF_DIR
+from cnn_bench.sweep.status import DONE, FAILED, INTERRUPTED, read_status
+from conftest import ROOT, compose_config
+
+PLOTS = ["acc_vs_flops.png", "acc_vs_params.png", "heatmap_width_resolution.png"]
+
+
+@cli.user_errors
+def train_task(cfg):
+    """What ``train.py`` runs, reachable by name from this module."""
+    from cnn_bench import train as train_mod
+
+    return train_mod.run(cfg).get("best_val_acc")
+
+
+def sweep_overrides(root: Path, *extra: str) -> list[str]:
+    """A fast sweep base: speednet_s at 16 px on the tiny folder, 1 epoch of 2 batches, CPU."""
+    return ["model=speednet_s", "dataset=imagefolder", f"dataset.root={root}",
+            "trainer.batch_size=16", "trainer.epochs=1", "trainer.limit_train_batches=2",
+            "trainer.device=cpu", "trainer.progress=false", *extra]
+
+
+def multirun(sweep_dir: Path, overrides: list[str], task=train_task) -> None:
+    """``python train.py -m <overrides>`` in this process, through Hydra's own multirun path."""
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="train"):
+            GlobalHydra.instance().hydra.multirun(
+                config_name="config", task_function=task,
+                overrides=[*overrides, f"hydra.sweep.dir={sweep_dir}", "hydra.mode=MULTIRUN"])
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def job_dirs(sweep_dir: Path) -> list[Path]:
+    return sorted(p for p in sweep_dir.iterdir() if p.is_dir() and p.name != "tb")
+
+
+def read_csv(path: Path) -> list[dict]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+# ---------------------------------------------------------------- end to end, as a user runs it
+
+def test_sweep_end_to_end_then_rerun_trains_nothing(tiny_folder, tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
+    from tensorboard.plugins.hparams import metadata as hp_metadata
+
+    sweep = tmp_path / "sweep"
+    args = sweep_overrides(tiny_folder, "model.width_mult=0.5,1.0", "dataset.resolution=16,24")
+    p = subprocess.run([sys.executable, str(ROOT / "train.py"), "-m", *args,
+                        f"hydra.sweep.dir={sweep}"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "4 jobs: 4 done, 0 failed" in p.stdout
+
+    jobs = job_dirs(sweep)
+    assert len(jobs) == 4
+    for job in jobs:  # named by settings, one level deep, no path values in the name
+        assert "model.width_mult=" in job.name and "dataset.resolution=" in job.name
+        assert "dataset.root" not in job.name
+        assert (job / "summary.json").is_file() and read_status(job)["status"] == DONE
+    assert {(j.name.count("width_mult=0.5"), j.name.count("resolution=16")) for j in jobs} == {
+        (0, 0), (0, 1), (1, 0), (1, 1)}
+
+    rows = read_csv(sweep / "results.csv")
+    assert len(rows) == 4
+    for row in rows:
+        assert row["status"] == DONE and row["model"] == "speednet_s"
+        assert int(row["params"]) > 0 and int(row["flops"]) > 0
+        assert 0 <= float(row["best_val_acc"]) <= 1 and float(row["images_per_s"]) > 0
+    assert {(r["width"], r["resolution"]) for r in rows} == {
+        ("0.5", "16"), ("0.5", "24"), ("1.0", "16"), ("1.0", "24")}
+    for plot in PLOTS:
+        assert (sweep / plot).stat().st_size > 5000, plot
+    assert "| speednet_s | 0.5 | 16 |" in (sweep / "results.md").read_text()
+
+    # `tensorboard --logdir <sweep>`: the report's figures, and every job's HParams session.
+    mux = EventMultiplexer()
+    mux.AddRunsFromDirectory(str(sweep))
+    mux.Reload()
+    images = mux.PluginRunToTagToContent("images")
+    assert {f"sweep/{Path(p).stem}" for p in PLOTS} <= set(images.get("tb", {}))
+    hparams = mux.PluginRunToTagToContent(hp_metadata.PLUGIN_NAME)
+    sessions = {run for run, tags in hparams.items() if hp_metadata.SESSION_START_INFO_TAG in tags}
+    assert sessions == {f"{j.name}/tb" for j in jobs}
+
+    # The same command again: every job is skipped, nothing trains, nothing is rewritten.
+    from cnn_bench import train as train_mod
+
+    calls = []
+    monkeypatch.setattr(train_mod, "run", lambda cfg: calls.append(cfg) or {})
+    before = {j: (j / "summary.json").stat().st_mtime_ns for j in jobs}
+    multirun(sweep, args)
+    assert calls == []
+    assert {j: (j / "summary.json").stat().st_mtime_ns for j in jobs} == before
+
+
+def test_failed_job_does_not_stop_the_sweep(tiny_folder, tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    # A stride-4 stem leaves too little of a 16 px image for speednet's three pooling stages.
+    with pytest.raises(SystemExit) as exit_info:
+        multirun(sweep, sweep_overrides(tiny_folder, "model.stem=imagenet",
+                                        "dataset.resolution=16,32"))
+    assert exit_info.value.code == 1
+    by_res = {OmegaConf.load(j / ".hydra" / "config.yaml").dataset.resolution: j
+              for j in job_dirs(sweep)}
+    failed, done = read_status(by_res[16]), read_status(by_res[32])
+    assert done["status"] == DONE and (by_res[32] / "summary.json").is_file()
+    assert failed["status"] == FAILED and "Output size is too small" in failed["reason"]
+    assert "\n" not in failed["reason"]
+    out = capsys.readouterr().out
+    assert "2 jobs: 1 done, 1 failed" in out
+    assert f"failed      {by_res[16].name}: RuntimeError" in out
+    rows = {r["resolution"]: r for r in read_csv(sweep / "results.csv")}
+    assert rows["16"]["status"] == FAILED and "too small" in rows["16"]["reason"]
+    assert rows["32"]["status"] == DONE
+
+
+def test_interrupted_sweep_resumes_where_it_stopped(tiny_folder, tmp_path, monkeypatch):
+    from cnn_bench import train as train_mod
+    from cnn_bench.report import write_report
+
+    sweep = tmp_path / "sweep"
+    args = sweep_overrides(tiny_folder, "trainer.epochs=2", "dataset.resolution=16,24,32")
+    real_epoch = train_mod.train_one_epoch
+    calls = []
+
+    def epoch_then_ctrl_c(*a, **kw):
+        calls.append(1)
+        if len(calls) == 4:  # job 2's second epoch: job 1 done, job 2 has last.pt at epoch 1
+            raise KeyboardInterrupt
+        return real_epoch(*a, **kw)
+
+    monkeypatch.setattr(train_mod, "train_one_epoch", epoch_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        multirun(sweep, args)
+    first, second = job_dirs(sweep)
+    assert "resolution=16" in first.name and "resolution=24" in second.name
+    assert read_status(first)["status"] == DONE
+    assert read_status(second)["status"] == INTERRUPTED
+
+    # The report works on the half-finished sweep: the interrupted job shows its first epoch.
+    rows = {r.resolution: r for r in write_report(sweep, tensorboard=False)}
+    assert rows[24].status == INTERRUPTED and rows[24].epochs == 1
+    assert rows[24].final_val_acc is not None and rows[24].flops is None
+    assert all((sweep / p).is_file() for p in PLOTS)
+
+    calls.clear()
+    monkeypatch.setattr(train_mod, "train_one_epoch", lambda *a, **kw: calls.append(1) or real_epoch(*a, **kw))
+    multirun(sweep, args)
+    assert len(calls) == 3  # job 1: skipped; job 2: epoch 2 only; job 3: both epochs
+    jobs = job_dirs(sweep)
+    assert len(jobs) == 3 and all(read_status(j)["status"] == DONE for j in jobs)
+    assert read_status(second)["attempts"] == 2
+    assert "resumed from" in (second / "train.log").read_text()
+    epochs = [json.loads(ln)["epoch"] for ln in (second / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2]
+    assert len(read_csv(sweep / "results.csv")) == 3
+
+
+def test_same_model_and_width_start_from_the_same_weights(tiny_folder, tmp_path, monkeypatch):
+    import torch
+
+    from cnn_bench import train as train_mod
+    from cnn_bench.models.build import build_model
+    from cnn_bench.runtime import seed_everything
+
+    from cnn_bench.sweep.job import job_dir
+
+    initial = {}
+    real_build = train_mod.build_model
+
+    def spy(model_cfg, num_classes, resolution):
+        model = real_build(model_cfg, num_classes, resolution)
+        name = job_dir().name
+        seed = int(name.split("trainer.seed=")[1].split(",")[0])
+        initial[(resolution, seed)] = {k: v.clone() for k, v in model.state_dict().items()}
+        return model
+
+    monkeypatch.setattr(train_mod, "build_model", spy)
+    multirun(tmp_path / "sweep", sweep_overrides(tiny_folder, "dataset.resolution=16,24",
+                                                 "trainer.seed=0,1"))
+    assert set(initial) == {(16, 0), (24, 0), (16, 1), (24, 1)}
+
+    def same(a, b):
+        return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    assert same(initial[(16, 0)], initial[(24, 0)])
+    assert same(initial[(16, 1)], initial[(24, 1)])
+    assert not same(initial[(16, 0)], initial[(16, 1)])  # the check can tell weights apart
+    # A later run (rerun, another machine) builds the same weights from seed + model config.
+    seed_everything(0)
+    cfg = compose_config(["model=speednet_s"])
+    again = build_model(cfg.model, 3, 32).state_dict()
+    assert same(initial[(16, 0)], again)
+
+
+# ---------------------------------------------------------------- job names and sweep checks
+
+def test_job_names_leave_out_paths_and_swept_paths_are_refused():
+    from cnn_bench.sweep.callback import check_sweep
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        from hydra import compose
+
+        cfg = compose("config", ["dataset.resolution=16"], return_hydra_config=True)
+    excluded = set(cfg.hydra.job.config.override_dirname.exclude_keys)
+    assert {"dataset.root", "hydra.sweep.dir", "trainer.resume", "output_dir"} <= excluded
+    assert cfg.hydra.sweep.subdir == "dataset.resolution=16"  # the job's own settings
+
+    def with_task(*overrides):
+        c = cfg.copy()
+        c.hydra.overrides.task = list(overrides)
+        return c
+
+    assert check_sweep(with_task("dataset.root=/data/a", "model=resnet18,speednet_s")) is None
+    problem = check_sweep(with_task("dataset.root=/data/a,/data/b"))
+    assert problem and problem.startswith("dataset.root takes several values")
+
+
+# ---------------------------------------------------------------- the report on fabricated jobs
+
+def fake_job(job: Path, status: str | None, model: str = "mobilenet_v2", width: float = 1.0,
+             res: int = 96, val_accs=(0.5, 0.6), summary: bool = True, flops: int = 10**8,
+             reason: str | None = None) -> Path:
+    """A job directory as the trainer and the sweep wrapper leave it."""
+    job.mkdir(parents=True)
+    (job / ".hydra").mkdir()
+    cfg = {"model": {"name": model, "width_mult": width}, "dataset": {"resolution": res},
+           "trainer": {"epochs": 2}}
+    (job / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    lines = [{"epoch": i + 1, "train/acc": a - 0.1, "train/loss": 1.0, "val/acc": a,
+              "val/loss": 2.0 - a, "epoch_time_s": 2.0, "train/images_per_s": 100.0}
+             for i, a in enumerate(val_accs)]
+    if lines:
+        (job / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        (job / "metrics.jsonl").write_text("".join(json.dumps(ln) + "\n" for ln in lines))
+    if summary:
+        best = max(val_accs)
+        (job / "summary.json").write_text(json.dumps({
+            "model": model, "width_mult": width, "resolution": res, "params": int(10**6 * width),
+            "flops": flops, "epochs": len(val_accs), "best_val_acc": best,
+            "best_epoch": list(val_accs).index(best) + 1, "final_val_acc": val_accs[-1],
+            "final_val_loss": 2.0 - val_accs[-1], "final_train_acc": val_accs[-1] - 0.1,
+            "wall_time_s": 5.0, "train_images_per_s": 100.0}))
+    if status:
+        (job / "status.json").write_text(json.dumps({"status": status, "reason": reason}))
+    return job
+
+
+def test_report_on_a_partly_failed_running_sweep(tmp_path):
+    from cnn_bench import report
+    from cnn_bench.sweep.results import collect, pareto_front
+
+    sweep = tmp_path / "sweep"
+    fake_job(sweep / "model=mobilenet_v2,res=96", DONE, val_accs=(0.5, 0.7), flops=10**8)
+    fake_job(sweep / "model=mobilenet_v2,res=128", DONE, res=128, val_accs=(0.6, 0.65), flops=2 * 10**8)
+    fake_job(sweep / "model=mobilenet_v2,res=160", DONE, res=160, val_accs=(0.8, 0.9), flops=3 * 10**8)
+    fake_job(sweep / "model=mobilenet_v1,res=96", "running", model="mobilenet_v1",
+             val_accs=(0.4,), summary=False)
+    fake_job(sweep / "model=mobilenet_v1,res=128", FAILED, model="mobilenet_v1", res=128,
+             val_accs=(), summary=False, reason="RuntimeError: Output size is too small")
+    fake_job(sweep / "nested" / "model=mobilenet_v1,width=0.5", None, model="mobilenet_v1",
+             width=0.5)  # a run from before status records: summary only
+
+    rows = {r.job: r for r in collect(sweep)}
+    assert len(rows) == 6
+    running = rows["model=mobilenet_v1,res=96"]
+    assert running.status == "running" and running.final_val_acc == 0.4 and running.epochs == 1
+    assert running.max_epochs == 2 and running.params is None and running.images_per_s == 100.0
+    failed = rows["model=mobilenet_v1,res=128"]
+    assert failed.status == FAILED and failed.best_val_acc is None and failed.resolution == 128
+    assert rows["nested/model=mobilenet_v1,width=0.5"].status == DONE
+    done = rows["model=mobilenet_v2,res=96"]
+    assert done.best_val_acc == 0.7 and done.best_epoch == 2 and done.best_val_loss == pytest.approx(1.3)
+    front = pareto_front(list(rows.values()))
+    assert [r.resolution for r in front if r.model == "mobilenet_v2"] == [96, 160]  # 128 is dominated
+
+    assert report.main([str(sweep), "--no-tensorboard"]) == 0
+    csv_rows = read_csv(sweep / "results.csv")
+    assert len(csv_rows) == 6 and {r["status"] for r in csv_rows} == {DONE, "running", FAILED}
+    md = (sweep / "results.md").read_text()
+    assert "6 jobs: 4 done, 1 failed, 1 running" in md
+    assert "`model=mobilenet_v1,res=128`: failed: RuntimeError: Output size is too small" in md
+    for plot in PLOTS:
+        assert (sweep / plot).stat().st_size > 5000 and f"]({plot})" in md
+
+
+def test_report_cli_errors_are_one_line(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "cnn_bench.report", str(tmp_path / "missing")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and p.stderr.strip() == f"error: no sweep directory at {tmp_path / 'missing'}"
+
+
+# ---------------------------------------------------------------- the local_gpus launcher
+
+@cli.user_errors
+def meeting_task(cfg):
+    """Launcher test job: record where it runs, wait until every job in ``cfg.meet`` has started
+    (which only happens if they run at the same time), then succeed, raise or die per ``cfg.case``."""
+    from cnn_bench.sweep.job import job_dir
+
+    out = job_dir()
+    (out / "worker.json").write_text(json.dumps({
+        "pid": os.getpid(), "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "omp": os.environ.get("OMP_NUM_THREADS")}))
+    if cfg.case == "crash":
+        os._exit(3)
+    (out.parent / f"arrived_{cfg.case}").touch()
+    deadline = time.monotonic() + 60  # s; far above two worker start-ups
+    while not all((out.parent / f"arrived_{c}").exists() for c in cfg.meet):
+        if time.monotonic() > deadline:
+            raise TimeoutError("the other job never ran alongside this one")
+        time.sleep(0.05)
+    if cfg.case == "fail":
+        raise ValueError("this job fails on purpose")
+    return 1.0
+
+
+def worker_record(sweep: Path, case: str) -> dict:
+    (job,) = [j for j in job_dirs(sweep) if f"+case={case}" in j.name]
+    return {**json.loads((job / "worker.json").read_text()), **read_status(job), "dir": job}
+
+
+def test_local_gpus_launcher_on_cpu_runs_jobs_in_parallel_and_isolates_failures(
+        tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPUs: the CPU fallback, 2 jobs at once
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    sweep = tmp_path / "sweep"
+    with pytest.raises(SystemExit) as exit_info:
+        multirun(sweep, ["hydra/launcher=local_gpus", "+case=ok,fail,crash", "+meet=[ok,fail]"],
+                 task=meeting_task)
+    assert exit_info.value.code == 1
+    ok, fail, crash = (worker_record(sweep, c) for c in ("ok", "fail", "crash"))
+    assert ok["status"] == DONE and ok["result"] == 1.0
+    assert fail["status"] == FAILED and fail["reason"] == "ValueError: this job fails on purpose"
+    assert crash["status"] == FAILED
+    assert crash["reason"].startswith("worker process exited with code 3")
+    assert len({ok["pid"], fail["pid"], crash["pid"], os.getpid()}) == 4
+    assert ok["omp"] == str(max(1, (os.cpu_count() or 1) // 2))
+    assert "Traceback" in (fail["dir"] / "worker.log").read_text()  # the details stay in the job
+    out = capsys.readouterr().out
+    assert "3 jobs: 1 done, 2 failed" in out and "this job fails on purpose" in out
+
+
+def test_local_gpus_launcher_pins_each_job_to_its_own_gpu(tmp_path, monkeypatch):
+    # GPU ids are only handed to the workers here; the jobs never touch CUDA.
+    sweep = tmp_path / "sweep"
+    multirun(sweep, ["hydra/launcher=local_gpus", "hydra.launcher.gpus=[3,5]",
+                     "+case=a,b", "+meet=[a,b]"], task=meeting_task)
+    a, b = worker_record(sweep, "a"), worker_record(sweep, "b")
+    assert {a["cuda"], b["cuda"]} == {"3", "5"}
+    assert a["status"] == b["status"] == DONE
+
+
+def test_launcher_slots_follow_the_visible_gpus(monkeypatch):
+    from hydra_plugins.cnn_bench_launcher.local_gpus_launcher import LocalGpusLauncher, visible_gpus
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert visible_gpus() == ["2", "3"]
+    assert LocalGpusLauncher()._slots() == ["2", "3"]
+    assert LocalGpusLauncher(n_jobs=4)._slots() == ["2", "3", "2", "3"]  # two jobs per GPU
+    assert LocalGpusLauncher(n_jobs=1)._slots() == ["2"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
+    assert visible_gpus() == [] and LocalGpusLauncher()._slots() == [None, None]
+    assert LocalGpusLauncher(n_jobs=3)._slots() == [None, None, None]
+
+
+def test_submitit_launcher_composes_when_installed():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        from hydra import compose
+
+        cfg = compose("config", ["hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu",
+                                 "hydra.launcher.gpus_per_node=1"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
+    assert cfg.hydra.launcher.partition == "gpu"
+    assert cfg.hydra.callbacks.sweep._target_ == "cnn_bench.sweep.callback.SweepCallback"
