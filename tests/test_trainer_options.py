@@ -1,0 +1,192 @@
+"""The trainer's speed options switch on and off on CPU without changing results beyond tolerance.
+
+Each option is run through ``cnn_bench.train.run`` on the tiny generated folder (speednet_s at
+16 px, batch 16, 2 epochs of 3 steps) and compared with the same run with the option off.
+A spy around ``train_one_epoch`` checks that the option really took effect (memory format,
+autocast dtype, compiled forward) and counts host syncs in the step loop.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+import cnn_bench.train as train_mod
+from cnn_bench import loop
+from cnn_bench.models.build import build_model
+from cnn_bench.optim import build_optimizer
+from conftest import compose_config, tiny_overrides
+
+SHORT = ["trainer.epochs=2", "trainer.limit_train_batches=3", "trainer.save_last=false"]
+
+
+class Spy:
+    """Wraps ``train_one_epoch`` as the trainer calls it: records what the first batch and the
+    model look like, the autocast dtype in effect, and host syncs (``item``/``tolist``/``cpu``)."""
+
+    def __init__(self, monkeypatch, count_syncs: bool = False):
+        self.syncs = 0
+        self.first: dict = {}
+        self._counting = False
+        if count_syncs:  # not with compile: dynamo would trace the patched methods
+            for name in ("item", "tolist", "cpu"):
+                orig = getattr(torch.Tensor, name)
+                monkeypatch.setattr(torch.Tensor, name, self._counter(orig))
+        real = loop.train_one_epoch
+        monkeypatch.setattr(train_mod, "train_one_epoch", self._wrap(real))
+
+    def _counter(self, orig):
+        def counted(t, *args, **kwargs):
+            if self._counting:
+                self.syncs += 1
+            return orig(t, *args, **kwargs)
+        return counted
+
+    def _wrap(self, real):
+        def wrapped(step_model, loader, criterion, optimizer, scheduler, scaler, rt, state, **kw):
+            if not self.first:
+                model = step_model.eager
+                x, _ = next(iter(loader))  # loaders draw from their own generators: no side effects
+                conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+                was_training = model.training
+                model.eval()  # eval + no_grad: BN running stats stay untouched
+                with torch.no_grad(), rt.autocast():
+                    dtype = model(x).dtype
+                model.train(was_training)
+                self.first = {
+                    "x_channels_last": x.is_contiguous(memory_format=torch.channels_last)
+                    and not x.is_contiguous(),
+                    "w_channels_last": conv.weight.is_contiguous(memory_format=torch.channels_last)
+                    and not conv.weight.is_contiguous(),
+                    "autocast_dtype": dtype, "compiled": step_model.fn is not step_model.eager,
+                }
+            self._counting = True
+            try:
+                return real(step_model, loader, criterion, optimizer, scheduler, scaler, rt,
+                            state, **kw)
+            finally:
+                self._counting = False
+        return wrapped
+
+
+def _run(tiny_folder, tmp_path, name: str, *extra: str) -> dict:
+    cfg = compose_config(tiny_overrides(tiny_folder, tmp_path / name, *SHORT, *extra))
+    return train_mod.run(cfg)
+
+
+def _rel(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-12)
+
+
+@pytest.fixture
+def reference(tiny_folder, tmp_path):
+    """The run with every option off (CPU defaults: fp32, NCHW, eager, foreach SGD); function
+    scope so its data cache lands in the test's cache dir (it takes ~0.3 s)."""
+    return _run(tiny_folder, tmp_path, "ref", "trainer.channels_last=false",
+                "trainer.precision=fp32")
+
+
+def test_reference_learns(reference):
+    assert reference["channels_last"] is False and reference["precision"] == "fp32"
+    assert reference["final_train_loss"] < math.log(3)  # 3 classes: below chance after 6 steps
+
+
+def test_channels_last_on_off_same_loss(tiny_folder, tmp_path, monkeypatch, reference):
+    spy = Spy(monkeypatch)
+    s = _run(tiny_folder, tmp_path, "cl", "trainer.channels_last=true")
+    assert s["channels_last"] is True
+    assert spy.first["x_channels_last"] and spy.first["w_channels_last"]
+    for key in ("final_train_loss", "final_val_loss"):
+        assert _rel(s[key], reference[key]) < 1e-4, key
+
+
+def test_bf16_autocast_on_cpu_close_and_finite(tiny_folder, tmp_path, monkeypatch, reference):
+    spy = Spy(monkeypatch)
+    s = _run(tiny_folder, tmp_path, "bf16", "trainer.precision=bf16")
+    assert s["precision"] == "bf16" and spy.first["autocast_dtype"] == torch.bfloat16
+    for key in ("final_train_loss", "final_val_loss"):
+        assert math.isfinite(s[key]), key
+        assert _rel(s[key], reference[key]) < 3e-2, key  # bf16 keeps 8 mantissa bits
+
+
+def test_compile_matches_or_falls_back_with_one_warning(tiny_folder, tmp_path, monkeypatch,
+                                                        reference):
+    """torch.compile on CPU needs a C++ compiler (a cold compile takes ~40 s on 2 cores); if it
+    fails, the trainer trains eagerly after one warning - either outcome is correct."""
+    spy = Spy(monkeypatch)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        s = _run(tiny_folder, tmp_path, "compiled", "trainer.compile=true")
+    fallback = [w for w in caught if "torch.compile failed" in str(w.message)]
+    assert s["compile"] is True and (spy.first["compiled"] or fallback)
+    assert len(fallback) <= 1
+    if not fallback:
+        for key in ("final_train_loss", "final_val_loss"):
+            assert _rel(s[key], reference[key]) < 1e-3, key
+
+
+def test_no_host_sync_per_step(tiny_folder, tmp_path, monkeypatch):
+    """Syncs happen at log intervals and at the epoch's end, never per step: with a log interval
+    longer than the epoch, 1 step and 4 steps cost the same number of syncs."""
+    spy = Spy(monkeypatch, count_syncs=True)
+    counts = {}
+    for steps, every in ((1, 1000), (4, 1000), (4, 2)):
+        spy.syncs = 0
+        _run(tiny_folder, tmp_path, f"sync{steps}-{every}", "trainer.epochs=1",
+             f"trainer.limit_train_batches={steps}", f"trainer.log_every_n_steps={every}")
+        counts[(steps, every)] = spy.syncs
+    assert counts[(1, 1000)] == counts[(4, 1000)] > 0
+    assert counts[(4, 2)] > counts[(4, 1000)]  # one more flush: syncs follow log_every_n_steps
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+def test_foreach_matches_for_loop_optimizer(name):
+    """build_optimizer asks for foreach kernels on CPU; they give the for-loop's parameters."""
+    cfg = compose_config([f"optimizer={name}", "model=speednet_s"])
+    params = []
+    for foreach in (True, False):
+        torch.manual_seed(0)
+        model = build_model(cfg.model, 10, 16)
+        opt = build_optimizer(cfg.optimizer, model, torch.device("cpu"))
+        assert all(g["foreach"] for g in opt.param_groups)
+        for g in opt.param_groups:
+            g["foreach"] = foreach
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            x = torch.randn(8, 3, 16, 16, generator=gen)
+            y = torch.randint(0, 10, (8,), generator=gen)
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        params.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*params):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fused optimizers are CUDA kernels")
+def test_fused_matches_for_loop_on_cuda():
+    cfg = compose_config(["optimizer=sgd", "model=speednet_s"])
+    dev = torch.device("cuda")
+    params = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = build_model(cfg.model, 10, 16).to(dev)
+        opt = build_optimizer(cfg.optimizer, model, dev)
+        assert all(g["fused"] for g in opt.param_groups)
+        for g in opt.param_groups:
+            g["fused"], g["foreach"] = fused, False
+        gen = torch.Generator(device=dev).manual_seed(1)
+        for _ in range(3):
+            x = torch.randn(8, 3, 16, 16, generator=gen, device=dev)
+            y = torch.randint(0, 10, (8,), generator=gen, device=dev)
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        params.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*params):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
