@@ -136,7 +136,42 @@ def check_command_line(argv: list[str], config_name: str = "config") -> None:
             fail(str(ex))
 
 
+def name_jobs_by_swept_keys(argv: list[str], config_name: str) -> list[str]:
+    """In a multirun, leave the fixed overrides out of job directory names.
+
+    Hydra names a job by every override (``override_dirname``); with a dozen fixed settings that
+    passes the 255-byte file-name limit. A job is then named by what varies across the sweep
+    (``model=mobilenet_v2,model.width_mult=0.5,dataset.resolution=96``), plus sweeper params.
+    """
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    args = get_args_parser().parse_args(argv)
+    if not args.multirun or args.config_dir or args.config_path:
+        return argv
+    parsed = OverridesParser.create().parse_overrides(args.overrides)
+    if not any(ov.is_sweep_override() for ov in parsed):
+        return argv
+    fixed = [ov.key_or_group for ov in parsed
+             if not ov.is_sweep_override() and not ov.key_or_group.startswith("hydra")]
+    if any(ov.key_or_group == "hydra.job.config.override_dirname.exclude_keys" for ov in parsed):
+        return argv  # the user chose the names
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            hydra_cfg = compose(config_name=config_name, return_hydra_config=True).hydra
+    finally:
+        GlobalHydra.instance().clear()
+    keys = list(hydra_cfg.job.config.override_dirname.exclude_keys)
+    keys += [k for k in fixed if k not in keys]
+    return [*argv, f"hydra.job.config.override_dirname.exclude_keys=[{','.join(keys)}]"]
+
+
 def launch(hydra_main: Callable[[], None], config_name: str = "config") -> None:
     """Check ``sys.argv`` for user mistakes, then hand over to the ``@hydra.main`` function."""
     check_command_line(sys.argv[1:], config_name)
+    sys.argv[1:] = name_jobs_by_swept_keys(sys.argv[1:], config_name)
     hydra_main()

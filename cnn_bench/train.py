@@ -24,6 +24,7 @@ from cnn_bench.errors import CnnBenchError
 from cnn_bench.finetune import apply_finetune
 from cnn_bench.loop import StepModel, TrainState, evaluate, train_one_epoch
 from cnn_bench.models.build import build_model
+from cnn_bench.models.pretrained import pretrained_normalization
 from cnn_bench.models.profile import count_flops, count_params
 from cnn_bench.optim import build_optimizer, build_scheduler
 from cnn_bench.runlog import RunLog, write_json
@@ -92,7 +93,16 @@ def run(cfg: DictConfig) -> dict:
     seed_everything(tr.seed)
 
     res = cfg.dataset.resolution
-    data = build_data(cfg.dataset, cfg.augmentation, batch_size=tr.batch_size, device=rt.device,
+    # Pretrained weights expect the normalisation they were trained with (ImageNet's), at the
+    # resolution the user chose; a copy, so the caller's (and the saved) config stay as given.
+    data_cfg = cfg.dataset
+    norm = pretrained_normalization(cfg.model)
+    if norm is not None:
+        data_cfg = OmegaConf.merge(OmegaConf.to_container(cfg.dataset, resolve=True),
+                                   {"mean": norm[0], "std": norm[1]})
+        log.info("model.pretrained: normalising with the weights' mean %s and std %s",
+                 norm[0], norm[1])
+    data = build_data(data_cfg, cfg.augmentation, batch_size=tr.batch_size, device=rt.device,
                       seed=tr.seed, channels_last=rt.channels_last,
                       eval_batch_size=tr.get("eval_batch_size"))
     # Re-seed after the data is built: initial weights then depend only on the seed and the

@@ -9,11 +9,13 @@ from torch import nn
 
 from cnn_bench.errors import CnnBenchError
 from cnn_bench.models.external import PASSTHROUGHS
+from cnn_bench.models.pretrained import load_pretrained, pretrained_options, pretrained_spec
 from cnn_bench.models.registry import get_model
+from cnn_bench.models.weights import load_weights_file
 
 SOURCES = ("zoo", *PASSTHROUGHS)
 # Config keys that are not builder options: consumed here, never passed to a builder.
-_META_KEYS = ("name", "source", "pretrained", "weights")
+_META_KEYS = ("name", "source", "pretrained", "pretrained_tag", "weights")
 # Inputs up to this size (px) get the CIFAR stem under ``stem: auto``.
 CIFAR_STEM_MAX_RESOLUTION = 64
 
@@ -36,13 +38,25 @@ def _to_dict(cfg: Mapping) -> dict[str, Any]:
     return dict(cfg)
 
 
-def _check_weights(cfg: dict[str, Any]) -> None:
-    """``pretrained``/``weights`` are reserved for weight loading (a later issue: the zoo's
-    torchvision-compatible models can load torchvision's state dicts directly)."""
-    if cfg.get("pretrained"):
-        raise CnnBenchError("model.pretrained is not supported yet")
-    if cfg.get("weights") is not None:
-        raise CnnBenchError("model.weights is not supported yet")
+def _check_weights(cfg: dict[str, Any]):
+    """The pretrained weights the config asks for (``None`` if none); ``pretrained`` and
+    ``weights`` together are refused: both would set the same tensors."""
+    spec = pretrained_spec(cfg)
+    if spec is not None and cfg.get("weights") is not None:
+        raise CnnBenchError("set model.pretrained=true or model.weights=FILE, not both: the file "
+                            "would overwrite the ImageNet weights")
+    return spec
+
+
+def trained_model_config(model_cfg: Mapping, resolution: int) -> dict[str, Any]:
+    """The model config that rebuilds a trained run's architecture without loading any weights
+    (for evaluation: the checkpoint's state dict is loaded next). ``stem: auto`` is resolved as
+    the training run resolved it, which with ``pretrained`` is ``imagenet`` at any resolution."""
+    cfg = _to_dict(model_cfg)
+    if cfg.get("stem") is not None:
+        cfg["stem"] = ("imagenet" if cfg.get("pretrained") and cfg["stem"] == "auto"
+                       else resolve_stem(cfg["stem"], resolution))
+    return {**cfg, "pretrained": False, "weights": None}
 
 
 def build_model(model_cfg: Mapping, num_classes: int, resolution: int) -> nn.Module:
@@ -51,6 +65,9 @@ def build_model(model_cfg: Mapping, num_classes: int, resolution: int) -> nn.Mod
     ``source`` (default ``zoo``) picks the registry entry: a zoo model by ``name``, or the
     ``torchvision``/``timm`` passthrough with ``name`` as the library's model name. ``stem: auto``
     is resolved from ``resolution``; every remaining key is a builder option (unknown ones raise).
+    ``pretrained: true`` then loads torchvision's ImageNet weights (``pretrained_tag`` picks
+    which; see ``cnn_bench.models.pretrained``), ``weights: PATH`` a state-dict file (see
+    ``cnn_bench.models.weights``); a classifier sized for other classes stays freshly initialised.
     """
     cfg = _to_dict(model_cfg)
     source = cfg.get("source") or "zoo"
@@ -58,13 +75,18 @@ def build_model(model_cfg: Mapping, num_classes: int, resolution: int) -> nn.Mod
         raise CnnBenchError(f"model.source must be one of {', '.join(SOURCES)}, got '{source}'")
     if "name" not in cfg:
         raise CnnBenchError("the model config has no 'name'")
-    _check_weights(cfg)
+    spec = _check_weights(cfg)
     options = {k: v for k, v in cfg.items() if k not in _META_KEYS}
+    if spec is not None:
+        options = pretrained_options(spec, options)
     if "stem" in options:
         options["stem"] = resolve_stem(options["stem"], resolution)
     if source == "zoo":
         model = get_model(cfg["name"], num_classes, **options)
     else:
         model = get_model(source, num_classes, name=cfg["name"], **options)
-    # Weight loading (model.pretrained / model.weights) goes here, replacing _check_weights.
+    if spec is not None:
+        load_pretrained(model, spec)
+    elif cfg.get("weights") is not None:
+        load_weights_file(model, cfg["weights"])
     return model

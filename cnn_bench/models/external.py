@@ -21,6 +21,15 @@ from cnn_bench.models.registry import register_model
 
 PASSTHROUGHS = ("torchvision", "timm")
 
+# Builder options torchvision's own builders set when given weights; the passthrough builds with
+# weights=None, so a ``model.pretrained`` build passes these (cnn_bench.models.pretrained).
+# GoogLeNet's and Inception's weights expect inputs in (x - 0.5) / 0.5 units: transform_input
+# converts ImageNet-normalised inputs to those.
+TORCHVISION_PRETRAINED_OPTIONS: dict[str, dict] = {
+    "googlenet": {"transform_input": True, "init_weights": False},
+    "inception_v3": {"transform_input": True, "init_weights": False},
+}
+
 
 class _StopForward(Exception):
     """Raised by a pre-hook to stop the forward at the classifier once its input is captured."""

@@ -1,0 +1,148 @@
+"""The benchmark scripts run end to end on CPU in smoke mode and emit their tables.
+
+Speed is never asserted here: the scripts print their figures and targets, the tests only check
+that every code path runs and the tables are well formed. Each smoke run is a subprocess, as a
+user would start it, on the tiny generated folder with one intra-op thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import common, time_to_accuracy, vs_timm
+from conftest import ROOT
+
+BENCH = ROOT / "benchmarks"
+
+
+def _run(script: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if k != "TIMM_TRAIN_SCRIPT"}
+    full_env.update(OMP_NUM_THREADS="1", **(env or {}))
+    proc = subprocess.run([sys.executable, str(BENCH / script), *args], cwd=ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _table_rows(text: str) -> list[list[str]]:
+    """Body rows of the markdown table(s) in ``text``, as lists of cells."""
+    rows = [ln for ln in text.splitlines() if ln.startswith("| ")]
+    return [[c.strip() for c in ln.strip("|").split("|")] for ln in rows[1:]
+            if not ln.startswith("| model") and not ln.startswith("| runner")]
+
+
+def test_throughput_smoke(tmp_path):
+    out = tmp_path / "throughput.md"
+    proc = _run("throughput.py", "--smoke", "speednet_s:16:8", "--out", str(out))
+    text = out.read_text()
+    assert text.strip() == proc.stdout.strip()
+    assert "CPU:" in text and "torch " in text
+    rows = _table_rows(text)
+    assert [r[4] for r in rows] == ["cnn_bench", "plain"]
+    a, b = rows
+    assert a[:4] == ["speednet_s", "16", "8", "fp32"]
+    for cell in (a[5], a[6], b[5], b[6], a[7], a[9]):  # img/s, ratio, peak memory
+        assert float(cell.split(" ")[0].replace(",", "")) > 0, cell
+
+
+def test_vs_timm_smoke_without_timm(tiny_folder, tmp_path):
+    out = tmp_path / "vs_timm.md"
+    proc = _run("vs_timm.py", "--smoke", "--data", str(tiny_folder), "--resolution", "16",
+                "--batch-size", "8", "--workdir", str(tmp_path / "work"), "--out", str(out))
+    skipped = [ln for ln in proc.stdout.splitlines() if ln.startswith("timm: skipped")]
+    assert len(skipped) == 1 and "TIMM_TRAIN_SCRIPT" in skipped[0]
+    rows = {r[0]: r for r in _table_rows(out.read_text())}
+    assert set(rows) == {"cnn_bench", "hand-written (tensor)", "hand-written (folder)", "timm train.py"}
+    for name in ("cnn_bench", "hand-written (tensor)", "hand-written (folder)"):
+        wall, acc = float(rows[name][2]), float(rows[name][5])
+        assert wall > 0 and 0 <= acc <= 1, rows[name]
+    assert rows["timm train.py"][2].startswith("skipped")
+    assert "CPU target" in out.read_text()
+
+
+def test_time_to_accuracy_smoke(tiny_folder, tmp_path):
+    out = tmp_path / "tta.md"
+    _run("time_to_accuracy.py", "--smoke", "--data", str(tiny_folder), "--seeds", "0",
+         "--set", "dataset.resolution=16", "--workdir", str(tmp_path / "work"), "--out", str(out))
+    rows = {r[0]: r for r in _table_rows(out.read_text())}
+    assert set(rows) == {"cifar10_resnet18", "cifar10_speedrun"}
+    for r in rows.values():
+        assert r[1] == "1" and r[2] == "1/1" and r[5] == "1" and r[-1] == "-", r
+
+
+@pytest.mark.parametrize("module", ["throughput", "vs_timm", "time_to_accuracy", "handwritten"])
+def test_help(module, capsys):
+    mod = __import__(f"benchmarks.{module}", fromlist=["main"])
+    with pytest.raises(SystemExit) as exc:
+        mod.main(["--help"])
+    assert exc.value.code == 0
+    assert "Example" in capsys.readouterr().out
+
+
+def test_first_reaching_counts_training_time_up_to_the_target():
+    records = [{"epoch": 1, "val/acc": 0.5, "epoch_time_s": 2.0},
+               {"epoch": 2, "val/acc": 0.95, "epoch_time_s": 3.0},
+               {"epoch": 3, "val/acc": 0.96, "epoch_time_s": 4.0}]
+    assert time_to_accuracy.first_reaching(records, 0.94) == (2, 5.0)
+    assert time_to_accuracy.first_reaching(records, 0.99) == (None, None)
+
+
+def test_timm_row_parsing_and_skip_reasons(tmp_path, monkeypatch):
+    run = tmp_path / "timm"
+    run.mkdir()
+    with open(run / "summary.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5"])
+        w.writerow([0, 2.0, 1.9, 31.5, 80.0])
+        w.writerow([1, 1.5, 1.4, 52.25, 90.0])
+    assert vs_timm.parse_timm(tmp_path)["acc"] == pytest.approx(0.5225)
+    assert "TIMM_TRAIN_SCRIPT" in vs_timm.timm_missing(None)
+    assert "not found" in vs_timm.timm_missing(str(tmp_path / "nope.py"))
+    script = tmp_path / "train.py"
+    script.write_text("")
+    monkeypatch.setattr(vs_timm.importlib.util, "find_spec", lambda name: None)
+    assert "not installed" in vs_timm.timm_missing(str(script))
+
+
+def test_timm_command_does_the_same_work(tmp_path):
+    """Same model, epochs, batch, optimizer and schedule as the cnn_bench command."""
+    ns = argparse.Namespace(model="resnet18", source="timm", num_classes=10, resolution=32,
+                            epochs=3, batch_size=64, lr=0.1, momentum=0.9, weight_decay=5e-4,
+                            workers=2, seed=1, device="cpu", precision="auto", val_split="test",
+                            handwritten=["tensor"], timm_train_script=str(tmp_path / "t.py"),
+                            timm_extra="--log-interval 5", cnn_bench_extra=[])
+    runners = {r.name: r for r in vs_timm.build_runners(ns, tmp_path, tmp_path)}
+    timm_cmd = runners["timm train.py"].command(tmp_path / "o", False)
+    cb_cmd = runners["cnn_bench"].command(tmp_path / "o", False)
+    for flag, value in (("--model", "resnet18"), ("--epochs", "3"), ("-b", "64"), ("--lr", "0.1"),
+                        ("--opt", "sgd"), ("--sched", "cosine"), ("--warmup-epochs", "0"),
+                        ("--cooldown-epochs", "0"), ("--device", "cpu"), ("--log-interval", "5")):
+        assert timm_cmd[timm_cmd.index(flag) + 1] == value, flag
+    assert "--no-aug" in timm_cmd
+    for ovr in ("model=timm", "model.name=resnet18", "trainer.epochs=3", "trainer.batch_size=64",
+                "optimizer.lr=0.1", "scheduler=cosine", "augmentation=none", "trainer.seed=1"):
+        assert ovr in cb_cmd, ovr
+
+
+def test_spread_and_subset(tmp_path):
+    assert common.Spread.of([3, 1, 2]).fmt(1) == "2.0 (1.0-3.0)"
+    assert common.Spread.of([5]).fmt(0) == "5"
+    assert common.Spread.of([]).fmt() == "-"
+    src = tmp_path / "src"
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            d = src / split / cls
+            d.mkdir(parents=True)
+            for i in range(5):
+                (d / f"{i}.jpg").write_bytes(b"x")
+    sub = common.make_subset(src, tmp_path / "sub", {"train": 3, "test": None})
+    assert sorted(p.name for p in (sub / "train" / "a").iterdir()) == ["0.jpg", "1.jpg", "2.jpg"]
+    assert len(list((sub / "test" / "b").iterdir())) == 5
+    assert (sub / "train" / "a" / "0.jpg").resolve() == (src / "train" / "a" / "0.jpg").resolve()

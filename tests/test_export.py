@@ -1,0 +1,71 @@
+"""The ``cnn_bench.export`` and ``cnn_bench.stats`` CLIs, run as a user would (subprocesses)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+from safetensors import safe_open
+
+import cnn_bench.train as train_mod
+from cnn_bench.checkpoint import load_checkpoint
+from cnn_bench.models import build_model
+from conftest import ROOT, compose_config, tiny_overrides
+
+
+def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_safetensors_export_round_trips(tiny_folder, tmp_path):
+    cfg = compose_config(tiny_overrides(tiny_folder, tmp_path, "trainer.epochs=1"))
+    train_mod.run(cfg)
+    ckpt = tmp_path / "checkpoints" / "best.pt"
+    out = tmp_path / "exported.safetensors"
+    proc = _cli("cnn_bench.export", f"ckpt={ckpt}", "format=safetensors", f"out={out}")
+    assert proc.returncode == 0, proc.stderr
+    assert out.is_file() and str(out) in proc.stdout
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["num_classes"] == "3"
+
+    ck = load_checkpoint(ckpt)
+    trained = build_model(cfg.model, 3, 16)
+    trained.load_state_dict(ck["model"])
+    fresh = build_model({**dict(cfg.model), "weights": str(out)}, 3, 16)
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), trained.eval()(x))
+
+
+def _direct_stats(train_dir, resolution: int) -> tuple[list[float], list[float]]:
+    """Per-channel mean/std of every train image: PIL decode, shorter side -> resolution
+    (antialiased), centre crop, [0, 1] units, float64."""
+    imgs = []
+    for path in sorted(p for p in train_dir.rglob("*") if p.suffix in (".jpg", ".png")):
+        with Image.open(path) as im:
+            t = TF.pil_to_tensor(im.convert("RGB"))
+        t = TF.center_crop(TF.resize(t, [resolution], antialias=True), [resolution, resolution])
+        imgs.append(t.double() / 255)
+    x = torch.stack(imgs)
+    return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3), unbiased=False).tolist()
+
+
+def test_stats_cli_matches_a_direct_computation(tiny_folder):
+    proc = _cli("cnn_bench.stats", "dataset=imagefolder", f"dataset.root={tiny_folder}",
+                "dataset.resolution=16")
+    assert proc.returncode == 0, proc.stderr
+    printed = {}
+    for name in ("mean", "std"):
+        m = re.search(rf"^{name}: \[([^\]]+)\]$", proc.stdout, re.MULTILINE)
+        assert m, proc.stdout
+        printed[name] = [float(v) for v in m.group(1).split(",")]
+    mean, std = _direct_stats(tiny_folder / "train", 16)
+    # 4 printed decimals; JPEG decoders may differ by a grey level here and there.
+    assert printed["mean"] == pytest.approx(mean, abs=2e-3)
+    assert printed["std"] == pytest.approx(std, abs=2e-3)
