@@ -136,8 +136,12 @@ def evaluate(model: nn.Module, loader, criterion, rt: Runtime, num_classes: int,
         confusion += torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes ** 2)
         seen += y.shape[0]
         bar.update(1)
+    confusion = confusion.view(num_classes, num_classes).cpu()  # the one sync of the pass
+    if progress:
+        bar.set_postfix(loss=f"{loss_sum.item() / max(seen, 1):.3f}",
+                        acc=f"{confusion.diag().sum().item() / max(seen, 1):.3f}",
+                        img_s=f"{seen / (time.perf_counter() - t0):.0f}")
     bar.close()
-    confusion = confusion.view(num_classes, num_classes).cpu()
     return {"loss": (loss_sum / max(seen, 1)).item(),
             "acc": confusion.diag().sum().item() / max(seen, 1),
             "images": seen, "seconds": time.perf_counter() - t0, "confusion": confusion}

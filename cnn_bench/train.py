@@ -45,12 +45,16 @@ def resolve_output_dir(cfg: DictConfig) -> Path:
 
 
 def _write_config(out: Path, cfg: DictConfig) -> None:
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    """The resolved config as ``config.yaml`` and ``.hydra/resolved.yaml`` (Hydra's own
+    ``.hydra/config.yaml`` keeps interpolations unresolved)."""
+    resolved = OmegaConf.to_yaml(cfg, resolve=True)
+    (out / "config.yaml").write_text(resolved)
     hydra_dir = out / ".hydra"
     if not hydra_dir.exists():  # called without Hydra (tests, notebooks): keep the same layout
         hydra_dir.mkdir()
-        (hydra_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        (hydra_dir / "config.yaml").write_text(resolved)
         (hydra_dir / "overrides.yaml").write_text("[]\n")
+    (hydra_dir / "resolved.yaml").write_text(resolved)
 
 
 def _resume_path(cfg: DictConfig, out: Path) -> Path | None:

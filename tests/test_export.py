@@ -66,6 +66,6 @@ def test_stats_cli_matches_a_direct_computation(tiny_folder):
         assert m, proc.stdout
         printed[name] = [float(v) for v in m.group(1).split(",")]
     mean, std = _direct_stats(tiny_folder / "train", 16)
-    # 4 printed decimals; JPEG decoders may differ by a grey level here and there.
-    assert printed["mean"] == pytest.approx(mean, abs=2e-3)
-    assert printed["std"] == pytest.approx(std, abs=2e-3)
+    # 4 printed decimals (the pipeline decodes JPEGs with torchvision, this with PIL).
+    assert printed["mean"] == pytest.approx(mean, abs=1e-3)
+    assert printed["std"] == pytest.approx(std, abs=1e-3)

@@ -27,7 +27,7 @@ def trained(tiny_folder, tmp_path_factory):
 
 def test_run_writes_every_output(trained):
     out, summary = trained
-    for rel in ["config.yaml", ".hydra/config.yaml", "metrics.jsonl", "summary.json",
+    for rel in ["config.yaml", ".hydra/config.yaml", ".hydra/resolved.yaml", "metrics.jsonl", "summary.json",
                 "checkpoints/best.pt", "checkpoints/last.pt"]:
         assert (out / rel).is_file(), rel
     assert list((out / "tb").glob("events.out.tfevents.*"))
