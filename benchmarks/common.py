@@ -78,8 +78,9 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence]) -> str:
     return "\n".join(lines)
 
 
-def machine_lines(device: torch.device | str | None = None) -> list[str]:
-    """What the numbers were measured on: CPU model and cores, torch version, GPU if used."""
+def machine_lines(device: torch.device | str | None = None, threads: int | None = None) -> list[str]:
+    """What the numbers were measured on: CPU model and cores, torch version, intra-op threads
+    (``threads``: what the measured processes were given, if not this one's), GPU if used."""
     cpu = platform.processor() or platform.machine()
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
@@ -88,7 +89,8 @@ def machine_lines(device: torch.device | str | None = None) -> list[str]:
     except (OSError, subprocess.SubprocessError):
         pass
     lines = [f"CPU: {cpu}, {os.cpu_count()} logical cores; torch {torch.__version__} "
-             f"({torch.get_num_threads()} intra-op threads); Python {platform.python_version()}"]
+             f"({threads or torch.get_num_threads()} intra-op threads); "
+             f"Python {platform.python_version()}"]
     device = torch.device(device) if device is not None else None
     if device is not None and device.type == "cuda":
         lines.append(f"GPU: {torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}, "

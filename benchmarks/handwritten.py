@@ -24,6 +24,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -69,9 +70,8 @@ def folder_set(root: Path, resolution: int, to_float: bool, mean, std) -> datase
     return datasets.ImageFolder(str(root), transform=tf)
 
 
-def decode_all(root: Path, resolution: int, workers: int) -> tuple[torch.Tensor, torch.Tensor]:
+def decode_all(ds: datasets.ImageFolder, resolution: int, workers: int):
     """Every image of an ImageFolder as uint8 [N,3,R,R] + int64 labels (decoded in parallel)."""
-    ds = folder_set(root, resolution, False, None, None)
     images = torch.empty((len(ds), 3, resolution, resolution), dtype=torch.uint8)
     labels = torch.as_tensor(ds.targets, dtype=torch.int64)
     loader = DataLoader(ds, batch_size=256, num_workers=workers)
@@ -83,12 +83,17 @@ def decode_all(root: Path, resolution: int, workers: int) -> tuple[torch.Tensor,
 
 
 def load_tensors(args, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decoded split, from ``--cache`` when present (written on first use)."""
-    cache = Path(f"{args.cache}.{split}.{args.resolution}px.pt") if args.cache else None
+    """Decoded split, from ``--cache`` when present (written on first use). The file name holds
+    a hash of the file list and resolution, so other data never reads a stale cache."""
+    ds = folder_set(args.data / split, args.resolution, False, None, None)
+    cache = None
+    if args.cache:
+        key = hashlib.sha1(repr((ds.samples, args.resolution)).encode()).hexdigest()[:16]
+        cache = Path(f"{args.cache}.{split}.{args.resolution}px.{key}.pt")
     if cache is not None and cache.exists():
         d = torch.load(cache, weights_only=True)
         return d["images"], d["labels"]
-    images, labels = decode_all(args.data / split, args.resolution, args.workers)
+    images, labels = decode_all(ds, args.resolution, args.workers)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"images": images, "labels": labels}, cache)
@@ -134,7 +139,6 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     amp_dtype = common.PRECISIONS[prec]
-    torch.manual_seed(args.seed)
 
     t0 = time.perf_counter()
     if args.loader == "tensor":
@@ -173,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
         steps_per_epoch = min(steps_per_epoch, args.limit_train_batches)
 
     fmt = torch.channels_last if channels_last else torch.contiguous_format
+    # Seeded after the data is set up (DataLoader workers draw from the global RNG), so the
+    # initial weights are the same whether the decoded data came from the cache or not.
+    torch.manual_seed(args.seed)
     model = build_model(args.source, args.model, num_classes, args.resolution).to(device, memory_format=fmt)
     opt = common.plain_sgd(model, args.lr, args.momentum, args.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps_per_epoch * args.epochs))

@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     n_val = sum(1 for _ in (data / args.val_split).rglob("*") if _.is_file())
     header = [f"### Whole-process wall time: cnn_bench vs hand-written vs timm ({args.model}, "
               f"{args.epochs} epochs)", "",
-              *[f"- {ln}" for ln in common.machine_lines()],
+              *[f"- {ln}" for ln in common.machine_lines(threads=args.threads)],
               f"- `{common.command_line()}`",
               f"- work: {args.model} ({args.source}) at {args.resolution} px, {n_train:,} train / "
               f"{n_val:,} {args.val_split} images, {args.epochs} epochs, batch {args.batch_size}, "
@@ -324,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in name).strip("_")
+    """``hand-written (tensor)`` -> ``hand-written-tensor`` (run folder names)."""
+    return "-".join("".join(c if c.isalnum() else " " for c in name).split())
 
 
 if __name__ == "__main__":

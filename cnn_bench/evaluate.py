@@ -18,7 +18,7 @@ from cnn_bench.checkpoint import load_checkpoint
 from cnn_bench.data import build_data
 from cnn_bench.errors import CnnBenchError
 from cnn_bench.loop import evaluate
-from cnn_bench.models.build import build_model
+from cnn_bench.models.build import build_model, trained_model_config
 from cnn_bench.runlog import write_json
 from cnn_bench.runtime import Runtime, resolve_device
 
@@ -76,7 +76,9 @@ def run(cfg: DictConfig) -> dict:
     precision = cfg.precision if cfg.precision != "auto" else "fp32"
     rt = Runtime(device, precision, channels_last=False)
 
-    data = build_data(train_cfg.dataset, train_cfg.augmentation, batch_size=cfg.batch_size,
+    # The checkpoint's mean/std are what the model saw (pretrained runs use the weights' own).
+    data_cfg = OmegaConf.merge(train_cfg.dataset, {"mean": ck["mean"], "std": ck["std"]})
+    data = build_data(data_cfg, train_cfg.augmentation, batch_size=cfg.batch_size,
                       device=device, seed=train_cfg.trainer.seed, eval_batch_size=cfg.batch_size)
     if list(data.classes) != list(ck["classes"]):
         raise CnnBenchError(f"the dataset's classes ({len(data.classes)}) do not match the "
@@ -84,8 +86,10 @@ def run(cfg: DictConfig) -> dict:
     loader = getattr(data, cfg.split, None)
     if loader is None:
         raise CnnBenchError(f"the dataset has no '{cfg.split}' split: use split=val or split=test")
-    model = build_model({**OmegaConf.to_container(train_cfg.model), "pretrained": False,
-                         "weights": None}, ck["num_classes"], ck["resolution"])
+    # The architecture as training resolved it (a pretrained run has the ImageNet stem even at
+    # 32 px), without loading any weight file: the checkpoint's state dict comes next.
+    model = build_model(trained_model_config(train_cfg.model, ck["resolution"]),
+                        ck["num_classes"], ck["resolution"])
     model.load_state_dict(ck["model"])
     model.to(device)
     m = evaluate(model, loader, nn.CrossEntropyLoss(), rt, ck["num_classes"], desc=cfg.split,

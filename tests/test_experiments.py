@@ -20,7 +20,7 @@ EXPECTED = {
     "mobilenet_sweep": {"dataset.name": "imagefolder", "augmentation.name": "seed",
                         "optimizer.name": "adam", "optimizer.lr": 1e-3,
                         "trainer.batch_size": 192, "trainer.epochs": 10},
-    "alexnet_finetune": {"model.name": "alexnet", "model.pretrained": False,
+    "alexnet_finetune": {"model.name": "alexnet", "model.pretrained": True,
                          "dataset.name": "imagefolder", "dataset.val_fraction": 0.2,
                          "dataset.num_classes": 2, "optimizer.name": "sgd",
                          "optimizer.momentum": 0.9, "optimizer.lr": 1e-3},
@@ -83,7 +83,10 @@ def test_experiment_trains_one_batch_on_cpu(name, train_val_folder, tmp_path):
         "dataset.resolution=16", "dataset.num_classes=null", "trainer.batch_size=2",
         "trainer.epochs=1", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
         "trainer.device=cpu", "trainer.progress=false", "trainer.compile=false",
-        "trainer.save_last=false", f"output_dir={tmp_path}"])
+        "trainer.save_last=false", f"output_dir={tmp_path}",
+        # No ImageNet weight file here (tests/test_pretrained.py covers loading one).
+        *(["model.pretrained=false"] if OmegaConf.select(
+            compose_config([f"experiment={name}"]), "model.pretrained") else [])])
     summary = train_mod.run(cfg)
     assert summary["steps"] == 1 and summary["epochs"] == 1
     assert summary["model"] == OmegaConf.select(cfg, "model.name")

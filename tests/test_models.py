@@ -317,11 +317,6 @@ def test_stem_auto_rule():
     assert isinstance(build_model(_cfg("resnet18"), 10, 224).maxpool, nn.MaxPool2d)
 
 
-def test_pretrained_is_not_supported_yet():
-    with pytest.raises(CnnBenchError, match="model.pretrained is not supported yet"):
-        build_model({**_cfg("resnet18"), "pretrained": True}, 10, 32)
-
-
 def test_build_model_accepts_hydra_config():
     from hydra import compose, initialize_config_dir
 

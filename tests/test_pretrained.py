@@ -182,7 +182,8 @@ def test_pretrained_loads_the_cached_file_without_network(hub_with_resnet18, mon
     assert torch.equal(_logits(model, 64), _logits(reference, 64))
 
 
-def test_pretrained_with_other_classes_replaces_the_classifier(hub_with_resnet18, monkeypatch, caplog):
+def test_pretrained_with_other_classes_replaces_the_classifier(hub_with_resnet18, monkeypatch,
+                                                               caplog):
     home, reference = hub_with_resnet18
     _offline(monkeypatch, home)
     with caplog.at_level(logging.INFO, logger="cnn_bench"):
@@ -192,7 +193,8 @@ def test_pretrained_with_other_classes_replaces_the_classifier(hub_with_resnet18
     assert isinstance(model.maxpool, torch.nn.MaxPool2d)
     assert model.fc.out_features == 10
     ref = reference.state_dict()
-    assert all(torch.equal(v, ref[k]) for k, v in model.state_dict().items() if not k.startswith("fc."))
+    assert all(torch.equal(v, ref[k]) for k, v in model.state_dict().items()
+               if not k.startswith("fc."))
     # evaluate rebuilds the same architecture from the run's config, without loading weights.
     rebuilt = trained_model_config({"name": "resnet18", "stem": "auto", "pretrained": True}, 32)
     assert rebuilt["stem"] == "imagenet" and rebuilt["pretrained"] is False
@@ -247,14 +249,23 @@ def test_pretrained_run_normalises_with_imagenet_stats(hub_with_resnet18, tiny_f
         tiny_folder, tmp_path, "model=resnet18", "model.pretrained=true", "dataset.resolution=32",
         "dataset.mean=[0.5,0.5,0.5]", "dataset.std=[0.25,0.25,0.25]", "trainer.epochs=1",
         "trainer.limit_train_batches=1"))
-    train_mod.run(cfg)
+    summary = train_mod.run(cfg)
     ck = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     assert ck["mean"] == pytest.approx(IMAGENET_MEAN) and ck["std"] == pytest.approx(IMAGENET_STD)
     assert list(cfg.dataset.mean) == [0.5, 0.5, 0.5]  # the caller's config is untouched
     assert OmegaConf.create(ck["config"]).model.pretrained is True
 
+    # evaluate.py rebuilds the ImageNet stem the run used at 32 px and its normalisation, and
+    # needs no weight file to do so.
+    from cnn_bench import evaluate as evaluate_mod
 
-# --- fine-tuning the head of a weights file ----------------------------------------------------------
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_hub"))
+    res = evaluate_mod.run(compose_config([f"ckpt={tmp_path}/checkpoints/last.pt", "split=val",
+                                           "device=cpu", "progress=false"], "evaluate"))
+    assert res["acc"] == pytest.approx(summary["final_val_acc"], abs=1e-9)
+
+
+# --- fine-tuning the head of a weights file -----------------------------------------------------
 
 def test_head_finetune_from_weights_file_trains_only_the_head(tiny_folder, tmp_path, monkeypatch):
     path = tmp_path / "backbone.pt"

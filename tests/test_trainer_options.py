@@ -23,6 +23,16 @@ from conftest import compose_config, tiny_overrides
 SHORT = ["trainer.epochs=2", "trainer.limit_train_batches=3", "trainer.save_last=false"]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: these models are tiny, and on a busy 2-core machine a second OpenMP
+    thread waiting for a descheduled peer makes each op ~10 ms slower (seconds per test)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 class Spy:
     """Wraps ``train_one_epoch`` as the trainer calls it: records what the first batch and the
     model look like, the autocast dtype in effect, and host syncs (``item``/``tolist``/``cpu``)."""

@@ -51,11 +51,14 @@ def _check_weights(cfg: dict[str, Any]):
 def trained_model_config(model_cfg: Mapping, resolution: int) -> dict[str, Any]:
     """The model config that rebuilds a trained run's architecture without loading any weights
     (for evaluation: the checkpoint's state dict is loaded next). ``stem: auto`` is resolved as
-    the training run resolved it, which with ``pretrained`` is ``imagenet`` at any resolution."""
+    the training run resolved it (with ``pretrained``: ``imagenet`` at any resolution), and a
+    pretrained passthrough gets the builder options its weights needed. Needs no weight file."""
     cfg = _to_dict(model_cfg)
+    spec = pretrained_spec(cfg)
+    if spec is not None:
+        cfg = pretrained_options(spec, cfg)
     if cfg.get("stem") is not None:
-        cfg["stem"] = ("imagenet" if cfg.get("pretrained") and cfg["stem"] == "auto"
-                       else resolve_stem(cfg["stem"], resolution))
+        cfg["stem"] = resolve_stem(cfg["stem"], resolution)
     return {**cfg, "pretrained": False, "weights": None}
 
 

@@ -41,7 +41,8 @@ SUPPORTED = (*TORCHVISION_TWINS, "regnet_bifpn (backbone)", "torchvision (any mo
 # torchvision's DenseNet checkpoints predate the ban on '.' in module names ('norm.1' for
 # 'norm1'); torchvision's own builder renames them the same way.
 _DENSENET_OLD_KEY = re.compile(
-    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\."
+    r"((?:[12])\.(?:weight|bias|running_mean|running_var))$")
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,8 @@ def _fetch(spec: PretrainedSpec) -> Mapping[str, Any]:
                 f"{spec.weights.url}) in {directory}") from None
         if isinstance(e, pickle.UnpicklingError):
             raise CnnBenchError(f"refusing to load {file}: it holds objects other than tensors "
-                                f"({reason}); replace it with the file from {spec.weights.url}") from None
+                                f"({reason}); replace it with the file from "
+                                f"{spec.weights.url}") from None
         raise CnnBenchError(f"cannot read {file} ({reason}): replace it with the file from "
                             f"{spec.weights.url}") from None
 
@@ -159,9 +161,11 @@ def load_pretrained(model: nn.Module, spec: PretrainedSpec) -> LoadReport:
     differ); every other tensor of the model must be covered. Logs and returns the report."""
     state = _fetch(spec)
     if spec.arch.startswith("densenet"):
-        state = rekey(state, lambda k: "".join(m.groups()) if (m := _DENSENET_OLD_KEY.match(k)) else k)
+        state = rekey(state, lambda k: "".join(m.groups())
+                      if (m := _DENSENET_OLD_KEY.match(k)) else k)
     state = rekey(state, lambda k: None if k.startswith(spec.drop) else spec.prefix + k)
-    report = load_state_dict_into(model, state, f"torchvision {spec.arch} {spec.tag} ({spec.filename})")
+    source = f"torchvision {spec.arch} {spec.tag} ({spec.filename})"
+    report = load_state_dict_into(model, state, source)
     uncovered = [k for k in report.missing if not k.startswith(tuple(f + "." for f in spec.fresh))]
     if uncovered:
         raise CnnBenchError(f"model.pretrained: {len(uncovered)} tensors of the model are not in "

@@ -1,4 +1,5 @@
-"""Loading a state dict into a built model: ``model.weights=PATH`` and the load behind ``model.pretrained``.
+"""Loading a state dict into a built model: ``model.weights=PATH``, and the load behind
+``model.pretrained``.
 
 Files are read without unpickling arbitrary objects: ``.safetensors`` through safetensors,
 anything else through :func:`cnn_bench.checkpoint.safe_load` (``torch.load(weights_only=True)``).
@@ -108,7 +109,7 @@ def _is_state_dict(obj: Any) -> bool:
 def read_state_dict(path: str | Path) -> Mapping[str, Any]:
     """A state dict from ``.safetensors``, ``.pt``/``.pth`` (plain state dict), a cnn_bench
     checkpoint or a cnn_bench export; wrapper prefixes stripped. Never unpickles objects."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise CnnBenchError(f"model.weights: no file at {path}")
     if path.suffix == ".safetensors":
@@ -135,7 +136,8 @@ def read_state_dict(path: str | Path) -> Mapping[str, Any]:
     return strip_wrapper_prefixes(state)
 
 
-def _align_passthrough_prefix(state: Mapping[str, Any], own: Mapping[str, Any]) -> Mapping[str, Any]:
+def _align_passthrough_prefix(state: Mapping[str, Any],
+                              own: Mapping[str, Any]) -> Mapping[str, Any]:
     """Let a library-named file (``fc.weight``) load into a passthrough (``model.fc.weight``)
     and back, when that is the only way any name matches."""
     if any(k in own for k in state):
@@ -160,8 +162,8 @@ def _under(key: str, modules: list[str]) -> bool:
     return any(key.startswith(m + ".") for m in modules)
 
 
-def _classifier_plan(state: Mapping[str, Any], own: Mapping[str, torch.Tensor], classifier: str | None,
-                     source: str) -> tuple[list[str], list[str]]:
+def _classifier_plan(state: Mapping[str, Any], own: Mapping[str, torch.Tensor],
+                     classifier: str | None, source: str) -> tuple[list[str], list[str]]:
     """Modules whose weights are sized for another number of classes -> (modules, sentences).
 
     The main classifier (``classifier_name``) qualifies when only its output size differs.
@@ -171,8 +173,8 @@ def _classifier_plan(state: Mapping[str, Any], own: Mapping[str, torch.Tensor], 
     """
     cls_key = f"{classifier}.weight" if classifier else None
     run_classes = own[cls_key].shape[0] if cls_key in own else None
-    weight_classes = (state[cls_key].shape[0] if cls_key in state and torch.is_tensor(state[cls_key])
-                      else None)
+    in_file = cls_key in state and torch.is_tensor(state[cls_key])
+    weight_classes = state[cls_key].shape[0] if in_file else None
     modules: list[str] = []
     sentences: list[str] = []
     for k, v in state.items():
