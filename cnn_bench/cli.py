@@ -174,4 +174,9 @@ def launch(hydra_main: Callable[[], None], config_name: str = "config") -> None:
     """Check ``sys.argv`` for user mistakes, then hand over to the ``@hydra.main`` function."""
     check_command_line(sys.argv[1:], config_name)
     sys.argv[1:] = name_jobs_by_swept_keys(sys.argv[1:], config_name)
-    hydra_main()
+    try:
+        hydra_main()
+    except KeyboardInterrupt:
+        # Checkpoints are written atomically, so an interrupt never leaves a torn file behind.
+        fail("interrupted; to resume, rerun the same command with trainer.resume=auto and "
+             "hydra.run.dir=<the run dir> (a sweep: the same hydra.sweep.dir)", code=130)

@@ -91,36 +91,33 @@ def _finish(fig: Figure, ax, xlabel: str, title: str) -> None:
     fig.tight_layout()
 
 
-def acc_vs_flops(rows: list[JobRow]) -> Figure:
-    """Best val accuracy against GFLOPs per image: one line per model and width across resolutions."""
+def _acc_vs(rows: list[JobRow], key: str, scale: float, group: str, along: str,
+            xlabel: str, title: str) -> Figure:
+    """Best val accuracy against ``key`` (in units of ``scale``), one line per model and
+    ``group`` through its ``along`` values, with the Pareto front marked."""
     fig = Figure(figsize=(8, 5.5), dpi=_DPI)
     ax = fig.add_subplot()
-    pts = _plottable(rows, "flops")
+    pts = _plottable(rows, key)
     if pts:
-        _lines(ax, pts, "flops", 1e9, group="width", along="resolution")
-        _mark_front(ax, pts, "flops", 1e9)
-        _log_if_wide(ax, [r.flops / 1e9 for r in pts])
+        _lines(ax, pts, key, scale, group=group, along=along)
+        _mark_front(ax, pts, key, scale)
+        _log_if_wide(ax, [getattr(r, key) / scale for r in pts])
     else:
         _empty(ax)
-    _finish(fig, ax, "GFLOPs per image (forward)",
-            "Accuracy vs FLOPs (point labels: resolution in px)")
+    _finish(fig, ax, xlabel, title)
     return fig
+
+
+def acc_vs_flops(rows: list[JobRow]) -> Figure:
+    """Best val accuracy against GFLOPs per image: one line per model and width across resolutions."""
+    return _acc_vs(rows, "flops", 1e9, "width", "resolution", "GFLOPs per image (forward)",
+                   "Accuracy vs FLOPs (point labels: resolution in px)")
 
 
 def acc_vs_params(rows: list[JobRow]) -> Figure:
     """Best val accuracy against parameters: one line per model and resolution across widths."""
-    fig = Figure(figsize=(8, 5.5), dpi=_DPI)
-    ax = fig.add_subplot()
-    pts = _plottable(rows, "params")
-    if pts:
-        _lines(ax, pts, "params", 1e6, group="resolution", along="width")
-        _mark_front(ax, pts, "params", 1e6)
-        _log_if_wide(ax, [r.params / 1e6 for r in pts])
-    else:
-        _empty(ax)
-    _finish(fig, ax, "parameters (millions)",
-            "Accuracy vs parameters (point labels: width multiplier)")
-    return fig
+    return _acc_vs(rows, "params", 1e6, "resolution", "width", "parameters (millions)",
+                   "Accuracy vs parameters (point labels: width multiplier)")
 
 
 def width_resolution_heatmap(rows: list[JobRow]) -> Figure:
