@@ -152,7 +152,6 @@ def run_cnn_bench(cfg, rt, images, labels, num_classes, args, seed: int) -> dict
         pass
     common.sync(rt.device)
     data_s = time.perf_counter() - t0
-    del model, optimizer, step_model
     return {"train_ips": train["images"] / train["seconds"],
             "eval_ips": ev["images"] / ev["seconds"], "peak_mb": peak,
             "data_pct": 100.0 * data_s / train["seconds"]}
@@ -184,7 +183,6 @@ def run_plain(cfg, rt, images, labels, num_classes, args, seed: int) -> dict:
     train = common.plain_train(fn, opt, batches(True), scaler=scaler, limit=args.steps, **kw)
     ev = common.plain_evaluate(model, batches(False), limit=args.eval_steps, **kw)
     peak = common.peak_memory_mb(rt.device)
-    del model, opt, fn
     return {"train_ips": train["images"] / train["seconds"],
             "eval_ips": ev["images"] / ev["seconds"], "peak_mb": peak}
 

@@ -271,9 +271,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"timm: skipped - {r.failure}", flush=True)
 
     active = [r for r in runners if r.failure is None]
-    if not args.no_warmup:
+    if not args.no_warmup:  # fills cnn_bench's and the tensor script's caches and the page cache
         for r in active:
-            run_once(r, work / "runs" / f"{slug(r.name)}-warmup", env, True, args.timeout)
+            if r.name != "timm train.py":  # it has no batch limit: a warm-up would be a full epoch
+                run_once(r, work / "runs" / f"{slug(r.name)}-warmup", env, True, args.timeout)
     for k in range(args.repeats):
         for r in active:
             if r.failure is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,20 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_link(src: str | Path, dst: str | Path) -> None:
+    """Make ``dst`` a second name for ``src``'s current file, atomically (a hard link, or a copy
+    where the file system has none). ``src`` is later replaced, not rewritten, so ``dst`` keeps
+    this content."""
+    src, dst = Path(src), Path(dst)
+    tmp = dst.with_name(dst.name + ".link.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
 
 
 def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> Any:

@@ -104,9 +104,10 @@ def train_one_epoch(step_model: StepModel, loader, criterion, optimizer, schedul
         if len(pending) >= log_every or i == n_batches - 1:
             losses = torch.stack(pending).float().tolist()  # the one host sync per log interval
             log_steps(state.global_step - len(losses), losses, pending_lr)
-            elapsed = time.perf_counter() - t0
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", acc=f"{correct.item() / seen:.3f}",
-                            img_s=f"{seen / elapsed:.0f}")
+            if progress:
+                elapsed = time.perf_counter() - t0
+                bar.set_postfix(loss=f"{losses[-1]:.3f}", acc=f"{correct.item() / seen:.3f}",
+                                img_s=f"{seen / elapsed:.0f}")
             pending, pending_lr = [], []
     if rt.device.type == "cuda":
         torch.cuda.synchronize(rt.device)

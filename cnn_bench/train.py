@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from cnn_bench.checkpoint import FORMAT, atomic_save, load_checkpoint
+from cnn_bench.checkpoint import FORMAT, atomic_link, atomic_save, load_checkpoint
 from cnn_bench.config import validate
 from cnn_bench.data import build_data
 from cnn_bench import early_stopping
@@ -189,12 +189,16 @@ def run(cfg: DictConfig) -> dict:
                  state.epoch, tr.epochs, train_m["loss"], train_m["acc"], val_name, val_m["loss"],
                  val_m["acc"], train_m["seconds"], record["train/images_per_s"])
         # NaN never counts as an improvement (comparisons with NaN are False).
-        if val_m["acc"] > state.best_metric or state.best_epoch == 0:
+        is_best = val_m["acc"] > state.best_metric or state.best_epoch == 0
+        if is_best:
             state.best_metric, state.best_epoch = val_m["acc"], state.epoch
-            checkpoint(ckpt_dir / "best.pt")
         state.stop_reason = early_stopping.check(tr.get("early_stopping"), record, state)
         if tr.save_last:
             checkpoint(ckpt_dir / "last.pt")
+            if is_best:  # same content: link instead of serialising it twice
+                atomic_link(ckpt_dir / "last.pt", ckpt_dir / "best.pt")
+        elif is_best:
+            checkpoint(ckpt_dir / "best.pt")
         if state.stop_reason:
             log.info(state.stop_reason)
             break
