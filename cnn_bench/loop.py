@@ -26,6 +26,7 @@ class TrainState:
     es_best: float | None = None   # early stopping: best monitored value and epochs since
     es_wait: int = 0
     stop_reason: str | None = None
+    wall_time_s: float = 0.0       # whole-run wall time up to the last checkpoint, all attempts
     train_time_s: float = 0.0
     train_images: int = 0
     history: list[dict] = field(default_factory=list)

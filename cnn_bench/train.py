@@ -151,10 +151,13 @@ def run(cfg: DictConfig) -> dict:
                        for k, v in ck["rng"].items()})
         log.info("resumed from %s at epoch %d", resume, state.epoch)
 
+    # A resumed run's wall time continues from its earlier attempts' (downtime not counted).
+    wall_before = state.wall_time_s
     runlog = RunLog(out, start_step=state.global_step, start_epoch=state.epoch)
     step_model = StepModel(model, tr.compile)
 
     def checkpoint(path: Path) -> None:
+        state.wall_time_s = wall_before + time.perf_counter() - t_start
         atomic_save({
             "format": FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
@@ -223,7 +226,7 @@ def run(cfg: DictConfig) -> dict:
         "final_train_acc": state.history[-1]["train/acc"] if state.history else None,
         "final_train_loss": state.history[-1]["train/loss"] if state.history else None,
         "test_acc": test_acc, "test_loss": test_loss,
-        "wall_time_s": time.perf_counter() - t_start,
+        "wall_time_s": wall_before + time.perf_counter() - t_start,
         "train_images_per_s": state.train_images / max(state.train_time_s, 1e-9),
         "peak_mem_mb": _peak_mem_mb(rt.device), "device": str(rt.device),
         "precision": rt.precision, "channels_last": rt.channels_last, "compile": bool(tr.compile),

@@ -101,10 +101,12 @@ def test_resume_matches_uninterrupted_run(tiny_folder, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         train_mod.run(compose_config(tiny_overrides(tiny_folder, part, *extra)))
     monkeypatch.setattr(train_mod, "train_one_epoch", real)
-    assert load_checkpoint(part / "checkpoints/last.pt")["state"]["epoch"] == 1
+    first = load_checkpoint(part / "checkpoints/last.pt")["state"]
+    assert first["epoch"] == 1 and first["wall_time_s"] > 0
     summary = train_mod.run(compose_config(tiny_overrides(tiny_folder, part, *extra,
                                                           "trainer.resume=auto")))
     assert summary["epochs"] == 3
+    assert summary["wall_time_s"] > first["wall_time_s"]  # counts both attempts
     a = load_checkpoint(full / "checkpoints/last.pt")["model"]
     b = load_checkpoint(part / "checkpoints/last.pt")["model"]
     for k in a:
