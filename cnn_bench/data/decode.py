@@ -121,6 +121,17 @@ def decode_resized(raw: bytes | torch.Tensor, resolution: int) -> torch.Tensor:
     return fit_resolution(img, resolution)
 
 
+def try_decode(source, i: int, resolution: int) -> tuple[torch.Tensor | None, str]:
+    """Decode sample ``i`` of an ``ImageSource``: (uint8 [3,R,R], "") or (None, the reason it is
+    unreadable). Failures are data here; each caller decides whether to skip or stop."""
+    try:
+        return decode_resized(source.raw(i), resolution), ""
+    except UnreadableImage as exc:
+        return None, exc.reason
+    except OSError as exc:
+        return None, f"cannot open: {exc.strerror or exc}"
+
+
 def check_image(path: str) -> str | None:
     """Cheap readability check for up-front validation: ``None`` if fine, else the reason.
 

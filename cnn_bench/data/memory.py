@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from cnn_bench.data.augment import BatchAugment
 from cnn_bench.data.cache import cache_path, load_payload, save_payload
-from cnn_bench.data.decode import UnreadableImage, decode_resized
+from cnn_bench.data.decode import try_decode
 from cnn_bench.data.loader import EpochLoader
 from cnn_bench.data.source import ImageSource
 
@@ -29,12 +29,7 @@ class _DecodeItems(Dataset):
         return len(self.source)
 
     def __getitem__(self, i: int):
-        try:
-            return i, decode_resized(self.source.raw(i), self.resolution), ""
-        except UnreadableImage as exc:
-            return i, None, exc.reason
-        except OSError as exc:
-            return i, None, f"cannot open: {exc.strerror or exc}"
+        return (i, *try_decode(self.source, i, self.resolution))
 
 
 def _collate(items):

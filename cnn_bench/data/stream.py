@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from cnn_bench.data.augment import BatchAugment
 from cnn_bench.data.cache import cache_path, load_payload, save_payload
-from cnn_bench.data.decode import UnreadableImage, check_image, decode_resized
+from cnn_bench.data.decode import check_image, try_decode
 from cnn_bench.data.loader import EpochLoader
 from cnn_bench.data.source import ImageSource
 from cnn_bench.errors import CnnBenchError
@@ -69,10 +69,8 @@ class _Decoded(Dataset):
         return len(self.source)
 
     def __getitem__(self, i: int):
-        try:
-            img = decode_resized(self.source.raw(i), self.resolution)
-        except (UnreadableImage, OSError) as exc:
-            why = exc.reason if isinstance(exc, UnreadableImage) else (exc.strerror or str(exc))
+        img, why = try_decode(self.source, i, self.resolution)
+        if img is None:
             raise CnnBenchError(
                 f"{self.source.location(i)} became unreadable during the run ({why}); "
                 "fix or remove it and run again"
