@@ -119,6 +119,12 @@ def check_command_line(argv: list[str], config_name: str = "config") -> None:
             or args.config_dir or args.config_path:
         return  # Hydra's own informational modes, or a config tree we do not know
     config_name = args.config_name or config_name
+    for o in args.overrides:
+        if re.fullmatch(r"hydra/launcher=(slurm|submitit_\w+)", o):
+            try:
+                import hydra_plugins.hydra_submitit_launcher  # noqa: F401
+            except ImportError:
+                fail(f"{o} needs hydra-submitit-launcher: pip install -e \".[slurm]\"")
     overrides = [o for o in args.overrides if not o.startswith("hydra.") and not o.startswith("hydra/")]
     try:
         lists = _candidate_override_lists(overrides)

@@ -399,13 +399,14 @@ def test_launcher_slots_follow_the_visible_gpus(monkeypatch):
     assert LocalGpusLauncher(n_jobs=3)._slots() == [None, None, None]
 
 
-def test_submitit_launcher_composes_when_installed():
+@pytest.mark.parametrize("launcher", ["slurm", "submitit_slurm"])
+def test_submitit_launcher_composes_when_installed(launcher):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         from hydra import compose
 
-        cfg = compose("config", ["hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu",
+        cfg = compose("config", [f"hydra/launcher={launcher}", "hydra.launcher.partition=gpu",
                                  "hydra.launcher.gpus_per_node=1"], return_hydra_config=True)
     assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
     assert cfg.hydra.launcher.partition == "gpu"
