@@ -68,7 +68,7 @@ def _describe(ex: Exception, group_overrides: list[str], config_name: str) -> st
     if m and "not in struct" in str(ex.__cause__):
         key = m.group(1)
         try:
-            keys = _flat_keys(_compose(config_name, group_overrides))
+            keys = _flat_keys(compose_config(config_name, group_overrides))
         except Exception:
             keys = []
         return f"unknown config key '{key}': {did_you_mean(key, keys)}"
@@ -78,14 +78,17 @@ def _describe(ex: Exception, group_overrides: list[str], config_name: str) -> st
     return first
 
 
-def _compose(config_name: str, overrides: list[str]):
+def compose_config(config_name: str, overrides: list[str], with_hydra: bool = False):
+    """Compose ``conf/<config_name>.yaml`` with overrides outside a Hydra run (global state is
+    cleared before and after); ``with_hydra`` keeps the ``hydra`` node."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return compose(config_name=config_name, overrides=overrides)
+            return compose(config_name=config_name, overrides=overrides,
+                           return_hydra_config=with_hydra)
     finally:
         GlobalHydra.instance().clear()
 
@@ -133,7 +136,7 @@ def check_command_line(argv: list[str], config_name: str = "config") -> None:
     for ovs in itertools.islice(lists, 64):
         groups = [o for o in ovs if "=" in o and "." not in o.split("=", 1)[0]]
         try:
-            cfg = _compose(config_name, ovs)
+            cfg = compose_config(config_name, ovs)
         except Exception as ex:  # noqa: BLE001
             fail(_describe(ex, groups, config_name))
         try:
@@ -162,15 +165,7 @@ def name_jobs_by_swept_keys(argv: list[str], config_name: str) -> list[str]:
              if not ov.is_sweep_override() and not ov.key_or_group.startswith("hydra")]
     if any(ov.key_or_group == "hydra.job.config.override_dirname.exclude_keys" for ov in parsed):
         return argv  # the user chose the names
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            hydra_cfg = compose(config_name=config_name, return_hydra_config=True).hydra
-    finally:
-        GlobalHydra.instance().clear()
+    hydra_cfg = compose_config(config_name, [], with_hydra=True).hydra
     keys = list(hydra_cfg.job.config.override_dirname.exclude_keys)
     keys += [k for k in fixed if k not in keys]
     return [*argv, f"hydra.job.config.override_dirname.exclude_keys=[{','.join(keys)}]"]

@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from cnn_bench.cli import _compose, fail
+from cnn_bench.cli import compose_config, fail
 from cnn_bench.data import build_data
 from cnn_bench.data.memory import channel_stats
 from cnn_bench.errors import CnnBenchError
@@ -47,7 +47,7 @@ def dataset_stats(data_cfg, device: str = "cpu", batch_size: int = 512) -> dict:
 def main(argv: list[str]) -> None:
     overrides = [a for a in argv if "=" in a]
     try:
-        cfg = _compose("config", ["augmentation=none", *overrides])
+        cfg = compose_config("config", ["augmentation=none", *overrides])
     except Exception as ex:  # noqa: BLE001  (composition errors are user mistakes)
         fail(str(ex).strip().splitlines()[0])
     try:

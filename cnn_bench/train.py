@@ -140,15 +140,15 @@ def run(cfg: DictConfig) -> dict:
     ckpt_dir = out / "checkpoints"
     resume = _resume_path(cfg, out)
     if resume is not None:
-        ck = load_checkpoint(resume, map_location=rt.device)
+        # Loaded on the CPU: RNG states must stay there, and load_state_dict copies model and
+        # optimizer tensors to the parameters' device itself.
+        ck = load_checkpoint(resume)
         model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])
         scaler.load_state_dict(ck["scaler"])
         state = TrainState(**ck["state"])
-        set_rng_state({k: (v.cpu() if torch.is_tensor(v) else
-                           [t.cpu() for t in v] if k == "cuda" else v)
-                       for k, v in ck["rng"].items()})
+        set_rng_state(ck["rng"])
         log.info("resumed from %s at epoch %d", resume, state.epoch)
 
     # A resumed run's wall time continues from its earlier attempts' (downtime not counted).

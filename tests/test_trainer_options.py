@@ -152,6 +152,18 @@ def test_no_host_sync_per_step(tiny_folder, tmp_path, monkeypatch):
     assert counts[(4, 2)] > counts[(4, 1000)]  # one more flush: syncs follow log_every_n_steps
 
 
+def _three_steps(model, opt, dev: torch.device) -> None:
+    """Three optimizer steps on seeded random batches (8 images at 16 px) on ``dev``."""
+    gen = torch.Generator(device=dev).manual_seed(1)
+    for _ in range(3):
+        x = torch.randn(8, 3, 16, 16, generator=gen, device=dev)
+        y = torch.randint(0, 10, (8,), generator=gen, device=dev)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+
 @pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
 def test_foreach_matches_for_loop_optimizer(name):
     """build_optimizer asks for foreach kernels on CPU; they give the for-loop's parameters."""
@@ -164,14 +176,7 @@ def test_foreach_matches_for_loop_optimizer(name):
         assert all(g["foreach"] for g in opt.param_groups)
         for g in opt.param_groups:
             g["foreach"] = foreach
-        gen = torch.Generator().manual_seed(1)
-        for _ in range(3):
-            x = torch.randn(8, 3, 16, 16, generator=gen)
-            y = torch.randint(0, 10, (8,), generator=gen)
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        _three_steps(model, opt, torch.device("cpu"))
         params.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*params):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
@@ -189,14 +194,7 @@ def test_fused_matches_for_loop_on_cuda():
         assert all(g["fused"] for g in opt.param_groups)
         for g in opt.param_groups:
             g["fused"], g["foreach"] = fused, False
-        gen = torch.Generator(device=dev).manual_seed(1)
-        for _ in range(3):
-            x = torch.randn(8, 3, 16, 16, generator=gen, device=dev)
-            y = torch.randint(0, 10, (8,), generator=gen, device=dev)
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        _three_steps(model, opt, dev)
         params.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*params):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
