@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -110,8 +112,8 @@ def test_timm_row_parsing_and_skip_reasons(tmp_path, monkeypatch):
     assert "not installed" in vs_timm.timm_missing(str(script))
 
 
-def test_timm_command_does_the_same_work(tmp_path):
-    """Same model, epochs, batch, optimizer and schedule as the cnn_bench command."""
+def test_timm_command_does_the_same_work(tmp_path, monkeypatch):
+    """Same model, epochs, batch, optimizer, schedule and data as the cnn_bench command."""
     ns = argparse.Namespace(model="resnet18", source="timm", num_classes=10, resolution=32,
                             epochs=3, batch_size=64, lr=0.1, momentum=0.9, weight_decay=5e-4,
                             workers=2, seed=1, device="cpu", precision="auto", val_split="test",
@@ -120,14 +122,93 @@ def test_timm_command_does_the_same_work(tmp_path):
     runners = {r.name: r for r in vs_timm.build_runners(ns, tmp_path, tmp_path)}
     timm_cmd = runners["timm train.py"].command(tmp_path / "o", False)
     cb_cmd = runners["cnn_bench"].command(tmp_path / "o", False)
-    for flag, value in (("--model", "resnet18"), ("--epochs", "3"), ("-b", "64"), ("--lr", "0.1"),
-                        ("--opt", "sgd"), ("--sched", "cosine"), ("--warmup-epochs", "0"),
-                        ("--cooldown-epochs", "0"), ("--device", "cpu"), ("--log-interval", "5")):
+    # through the launcher: `python -c TIMM_LAUNCHER <train.py> <device> <times file> <args>`
+    assert timm_cmd[1:6] == ["-c", vs_timm.TIMM_LAUNCHER, str(tmp_path / "t.py"), "cpu",
+                             str(tmp_path / "o" / vs_timm.TIMM_TIMES)]
+    for flag, value in (("--data-dir", str(tmp_path)), ("--val-split", "test"),
+                        ("--model", "resnet18"), ("--num-classes", "10"), ("--img-size", "32"),
+                        ("--crop-pct", "1.0"), ("--interpolation", "bilinear"), ("--epochs", "3"),
+                        ("-b", "64"), ("-vb", "64"), ("--lr", "0.1"), ("--opt", "sgd"),
+                        ("--momentum", "0.9"), ("--weight-decay", "0.0005"), ("--sched", "cosine"),
+                        ("--warmup-epochs", "0"), ("--cooldown-epochs", "0"), ("--min-lr", "0"),
+                        ("--smoothing", "0"), ("--workers", "2"), ("--seed", "1"),
+                        ("--log-interval", "5")):
         assert timm_cmd[timm_cmd.index(flag) + 1] == value, flag
-    assert "--no-aug" in timm_cmd
+    assert "--no-aug" in timm_cmd and "--sched-on-updates" in timm_cmd
+    for flag in ("--amp", "--channels-last", "--pin-mem"):  # fp32, CPU
+        assert flag not in timm_cmd, flag
     for ovr in ("model=timm", "model.name=resnet18", "trainer.epochs=3", "trainer.batch_size=64",
-                "optimizer.lr=0.1", "scheduler=cosine", "augmentation=none", "trainer.seed=1"):
+                "trainer.eval_batch_size=64", "optimizer.lr=0.1", "scheduler=cosine",
+                "scheduler.warmup_epochs=0", "augmentation=none", "trainer.seed=1",
+                "dataset.num_workers=2"):
         assert ovr in cb_cmd, ovr
+    ns.source = "torchvision"  # timm's train.py would build another network
+    monkeypatch.setattr(vs_timm, "timm_missing", lambda script: None)
+    t = {r.name: r for r in vs_timm.build_runners(ns, tmp_path, tmp_path)}["timm train.py"]
+    assert t.failure and "--source timm" in t.failure
+
+
+FAKE_TIMM_TRAIN = """\
+import argparse, os, sys
+import torch
+parser = argparse.ArgumentParser()
+parser.add_argument('--output')
+def train_one_epoch(epoch, args, device=torch.device('cuda')):
+    return device
+def validate(args, device=torch.device('cuda'), log_suffix=''):
+    return device
+def main():
+    args = parser.parse_args()
+    assert args.device == 'cpu', args
+    assert train_one_epoch(0, args).type == 'cpu' and validate(args).type == 'cpu'
+    assert train_one_epoch(1, args).type == 'cpu'
+    os.makedirs(os.path.join(args.output, 'timm'))
+    with open(os.path.join(args.output, 'timm', 'summary.csv'), 'w') as f:
+        f.write('epoch,train_loss,eval_loss,eval_top1,eval_top5,lr\\n0,1.0,1.0,40.0,90.0,0.0\\n')
+if __name__ == '__main__':
+    raise SystemExit('the launcher must not run train.py as __main__')
+"""
+
+
+def test_timm_launcher_fixes_the_device_and_times_epochs(tmp_path):
+    """The launcher gives a train.py without --device the device, replaces its functions' CUDA
+    defaults, times train_one_epoch and runs main() (a stand-in script: no timm needed)."""
+    script = tmp_path / "train.py"
+    script.write_text(FAKE_TIMM_TRAIN)
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-c", vs_timm.TIMM_LAUNCHER, str(script), "cpu",
+                           str(out / vs_timm.TIMM_TIMES), "--output", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    parsed = vs_timm.parse_timm(out)
+    assert parsed["acc"] == pytest.approx(0.4)
+    assert parsed["train_s"] is not None and parsed["train_s"] >= 0
+    assert len(json.loads((out / vs_timm.TIMM_TIMES).read_text())["train_epoch_s"]) == 2
+
+
+_TIMM_SCRIPT = os.environ.get("TIMM_TRAIN_SCRIPT")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("timm") is None or not _TIMM_SCRIPT
+                    or not os.path.isfile(os.path.expanduser(_TIMM_SCRIPT)),
+                    reason="needs timm installed and $TIMM_TRAIN_SCRIPT (timm's train.py)")
+def test_vs_timm_smoke_with_timm(tiny_folder, tmp_path):
+    """The timm row for real: timm's train.py on the tiny folder, the same timm resnet18 in
+    every runner."""
+    out = tmp_path / "vs_timm.md"
+    proc = _run("vs_timm.py", "--smoke", "--data", str(tiny_folder), "--source", "timm",
+                "--model", "resnet18", "--num-classes", "3", "--resolution", "16",
+                "--batch-size", "8", "--handwritten", "tensor", "--device", "cpu",
+                "--timm-train-script", os.path.expanduser(_TIMM_SCRIPT),
+                "--workdir", str(tmp_path / "work"), "--out", str(out))
+    assert not any(ln.startswith("timm: skipped") for ln in proc.stdout.splitlines())
+    rows = {r[0]: r for r in _table_rows(out.read_text())}
+    assert set(rows) == {"cnn_bench", "hand-written (tensor)", "timm train.py"}
+    for r in rows.values():
+        wall, acc = float(r[2]), float(r[5])
+        assert wall > 0 and 0 <= acc <= 1, r
+    assert float(rows["timm train.py"][4]) > 0  # train s, timed by the launcher
+    assert "cnn_bench / timm" in out.read_text()
 
 
 def test_spread_and_subset(tmp_path):
