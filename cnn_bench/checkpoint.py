@@ -67,3 +67,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CnnBenchError(f"{path} is not a cnn_bench checkpoint (expected format {FORMAT})")
     return ckpt
+
+
+def model_weights(ckpt: dict, use_ema: bool = True) -> tuple[dict, str]:
+    """The state dict that evaluation and export use, and which it is (``"ema"`` | ``"raw"``):
+    the EMA weights (``model_ema``, runs with ``trainer.ema_decay``) when the checkpoint has
+    them and ``use_ema``, else the trained weights (``model``)."""
+    if use_ema and ckpt.get("model_ema") is not None:
+        return ckpt["model_ema"], "ema"
+    return ckpt["model"], "raw"

@@ -28,6 +28,9 @@ _SCHEMA: dict[str, tuple[tuple[str, ...], tuple | None, float | None]] = {
     "trainer.limit_val_batches": ((_INT, _NONE), None, 1),
     "trainer.grad_clip": ((_FLOAT, _NONE), None, 0),
     "trainer.log_every_n_steps": ((_INT,), None, 1),
+    "trainer.ema_decay": ((_FLOAT, _NONE), None, 0),
+    "trainer.ema_warmup": ((_BOOL,), None, None),
+    "trainer.tta": ((_STR,), ("none", "flip"), None),
     "dataset.root": ((_STR, _NONE), None, None),
     "dataset.resolution": ((_INT,), None, 8),
     "dataset.val_fraction": ((_FLOAT,), None, 0),
@@ -68,3 +71,6 @@ def validate(cfg: DictConfig) -> None:
     val_fraction = OmegaConf.select(cfg, "dataset.val_fraction", default=0.0)
     if not 0 <= val_fraction < 1:
         raise CnnBenchError(f"dataset.val_fraction must be in [0, 1), got {val_fraction}")
+    ema_decay = OmegaConf.select(cfg, "trainer.ema_decay", default=None)
+    if ema_decay is not None and not ema_decay < 1:  # 1 would never move from the initial weights
+        raise CnnBenchError(f"trainer.ema_decay must be in [0, 1) (or null = off), got {ema_decay}")

@@ -14,10 +14,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
-from cnn_bench.checkpoint import load_checkpoint
+from cnn_bench.checkpoint import load_checkpoint, model_weights
 from cnn_bench.data import build_data
 from cnn_bench.errors import CnnBenchError
-from cnn_bench.loop import evaluate
+from cnn_bench.loop import TTA_MODES, evaluate
 from cnn_bench.models.build import build_model, trained_model_config
 from cnn_bench.runlog import write_json
 from cnn_bench.runtime import Runtime, resolve_device
@@ -64,12 +64,20 @@ def plot_confusion(classes: list[str], confusion: torch.Tensor, path: Path, titl
 
 
 def run(cfg: DictConfig) -> dict:
-    """Evaluate ``cfg.ckpt`` on ``cfg.split`` (test | val | train); return and write the results."""
+    """Evaluate ``cfg.ckpt`` on ``cfg.split`` (test | val | train); return and write the results.
+
+    Scores the weights the run validated with (its EMA unless ``use_ema=false``) and the run's
+    test-time augmentation unless ``tta`` overrides it.
+    """
     if not cfg.get("ckpt"):
         raise CnnBenchError("ckpt=PATH is required, e.g. ckpt=outputs/<run>/checkpoints/best.pt")
     ckpt_path = Path(cfg.ckpt)
     ck = load_checkpoint(ckpt_path)
     train_cfg = OmegaConf.create(ck["config"])
+    tta = cfg.get("tta") or train_cfg.trainer.get("tta", "none")
+    if tta not in TTA_MODES:
+        raise CnnBenchError(f"tta must be one of {', '.join(TTA_MODES)} (or null = the run's); "
+                            f"got {tta!r}")
     if cfg.get("dataset_root"):
         train_cfg.dataset.root = cfg.dataset_root
     device = resolve_device(cfg.device)
@@ -90,14 +98,18 @@ def run(cfg: DictConfig) -> dict:
     # 32 px), without loading any weight file: the checkpoint's state dict comes next.
     model = build_model(trained_model_config(train_cfg.model, ck["resolution"]),
                         ck["num_classes"], ck["resolution"])
-    model.load_state_dict(ck["model"])
+    weights, which = model_weights(ck, use_ema=cfg.get("use_ema", True))
+    model.load_state_dict(weights)
     model.to(device)
+    log.info("evaluating the %s weights of %s, tta=%s", "EMA" if which == "ema" else "trained",
+             ckpt_path, tta)
     m = evaluate(model, loader, nn.CrossEntropyLoss(), rt, ck["num_classes"], desc=cfg.split,
-                 progress=cfg.get("progress", True))
+                 progress=cfg.get("progress", True), tta=tta)
     confusion = m["confusion"]
     per_class = {c: (float(confusion[i, i]) / float(confusion[i].sum()) if confusion[i].sum() else None)
                  for i, c in enumerate(data.classes)}
     results = {"ckpt": str(ckpt_path), "split": cfg.split, "epoch": ck["state"]["epoch"],
+               "weights": which, "tta": tta,
                "images": m["images"], "loss": m["loss"], "acc": m["acc"],
                "per_class_acc": per_class, "classes": list(data.classes),
                "confusion_matrix": confusion.tolist()}

@@ -1,7 +1,8 @@
-"""``python -m cnn_bench.export ckpt=PATH [format=safetensors|pt] [out=PATH]``
+"""``python -m cnn_bench.export ckpt=PATH [format=safetensors|pt] [out=PATH] [use_ema=false]``
 
-Writes a checkpoint's model weights alone (no optimizer or RNG state), for sharing. The
-safetensors file carries the run's config and class names as metadata.
+Writes a checkpoint's model weights alone (no optimizer or RNG state), for sharing: the weights
+``evaluate.py`` scores, i.e. the EMA weights of runs with ``trainer.ema_decay`` unless
+``use_ema=false``. The safetensors file carries the run's config and class names as metadata.
 """
 
 from __future__ import annotations
@@ -12,27 +13,30 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from cnn_bench.checkpoint import atomic_save, load_checkpoint
+from cnn_bench.checkpoint import atomic_save, load_checkpoint, model_weights
 from cnn_bench.cli import fail
 from cnn_bench.errors import CnnBenchError
 
 FORMATS = {"safetensors": ".safetensors", "pt": ".pt"}
 
 
-def export(ckpt: str | Path, fmt: str = "safetensors", out: str | Path | None = None) -> Path:
-    """Export the model state dict of a cnn_bench checkpoint; return the written path."""
+def export(ckpt: str | Path, fmt: str = "safetensors", out: str | Path | None = None,
+           use_ema: bool = True) -> Path:
+    """Export the model state dict of a cnn_bench checkpoint (its EMA weights when it has them
+    and ``use_ema``, as ``evaluate.py`` would score); return the written path."""
     if fmt not in FORMATS:
         raise CnnBenchError(f"format must be one of {', '.join(FORMATS)}; got '{fmt}'")
     ck = load_checkpoint(ckpt)
     out = Path(out) if out else Path(ckpt).with_name(Path(ckpt).stem + "_weights" + FORMATS[fmt])
+    weights, which = model_weights(ck, use_ema)
     # safetensors refuses views into shared storage; contiguous copies are what a reader wants.
-    state = {k: v.detach().contiguous().cpu() for k, v in ck["model"].items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
     if fmt == "safetensors":
         from safetensors.torch import save_file
 
         meta = {"format": "cnn_bench.weights/1", "config": ck["config"],
                 "classes": json.dumps(ck["classes"]), "num_classes": str(ck["num_classes"]),
-                "resolution": str(ck["resolution"])}
+                "resolution": str(ck["resolution"]), "weights": which}
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(out.suffix + ".tmp")
         save_file(state, str(tmp), metadata=meta)
@@ -47,7 +51,8 @@ def main(argv: list[str]) -> None:
     if not args.get("ckpt"):
         fail("ckpt=PATH is required, e.g. ckpt=outputs/<run>/checkpoints/best.pt format=safetensors")
     try:
-        path = export(args.ckpt, args.get("format", "safetensors"), args.get("out"))
+        path = export(args.ckpt, args.get("format", "safetensors"), args.get("out"),
+                      use_ema=args.get("use_ema", True))
     except CnnBenchError as e:
         fail(str(e))
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")

@@ -1,4 +1,5 @@
-"""The step loops: one training epoch and one evaluation pass, with no per-step host sync."""
+"""The step loops: one training epoch and one evaluation pass, with no per-step host sync;
+and the torch.compile warm-up that runs before them."""
 
 from __future__ import annotations
 
@@ -11,8 +12,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from cnn_bench.ema import ModelEma
 from cnn_bench.finetune import FreezePlan, set_train_mode
-from cnn_bench.runtime import Runtime
+from cnn_bench.runtime import Runtime, rng_state, set_rng_state
+
+TTA_MODES = ("none", "flip")
 
 
 @dataclass
@@ -29,6 +33,7 @@ class TrainState:
     wall_time_s: float = 0.0       # whole-run wall time up to the last checkpoint, all attempts
     train_time_s: float = 0.0
     train_images: int = 0
+    compile_s: float = 0.0         # torch.compile warm-ups, all attempts (not in train_time_s)
     history: list[dict] = field(default_factory=list)
 
 
@@ -47,8 +52,15 @@ class StepModel:
             except Exception as e:  # noqa: BLE001  (compile support varies by platform)
                 self._fallback(e)
 
-    def _fallback(self, e: Exception) -> None:
-        warnings.warn(f"torch.compile failed, training eagerly: {str(e).splitlines()[0][:200]}")
+    @property
+    def compiled(self) -> bool:
+        """Whether calls go through ``torch.compile`` (false when off or after a fallback)."""
+        return self.fn is not self.eager
+
+    def _fallback(self, e: Exception | None) -> None:
+        """Run eagerly from now on; warn with the reason (``None``: quietly, already warned)."""
+        if e is not None:
+            warnings.warn(f"torch.compile failed, training eagerly: {str(e).splitlines()[0][:200]}")
         self.fn = self.eager
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -68,8 +80,11 @@ def _bar(total: int, desc: str, enabled: bool):
 def train_one_epoch(step_model: StepModel, loader, criterion, optimizer, scheduler, scaler,
                     rt: Runtime, state: TrainState, *, limit: int | None, log_every: int,
                     grad_clip: float | None, log_steps: Callable, progress: bool,
-                    freeze: FreezePlan | None = None) -> dict:
-    """Train for one epoch; return mean loss, accuracy, images and seconds (synced once, at the end)."""
+                    freeze: FreezePlan | None = None, ema: ModelEma | None = None) -> dict:
+    """Train for one epoch; return mean loss, accuracy, images and seconds (synced once, at the end).
+
+    With ``ema``, the average is updated after every optimizer step (a skipped fp16 step still
+    counts: telling would need a host sync; timm does the same)."""
     model = step_model.eager
     set_train_mode(model, freeze)
     n_batches = len(loader) if limit is None else min(limit, len(loader))
@@ -93,6 +108,8 @@ def train_one_epoch(step_model: StepModel, loader, criterion, optimizer, schedul
             nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         scaler.step(optimizer)
         scaler.update()
+        if ema is not None:
+            ema.update(state.global_step)
         pending_lr.append(optimizer.param_groups[0]["lr"])
         scheduler.step()
         loss = loss.detach()
@@ -118,11 +135,32 @@ def train_one_epoch(step_model: StepModel, loader, criterion, optimizer, schedul
             "images": seen, "seconds": seconds}
 
 
+def hflip(x: torch.Tensor) -> torch.Tensor:
+    """Mirror a [B,C,H,W] batch left-right (keeps channels_last: same strides, no recompile)."""
+    return x.flip(3)
+
+
+def eval_logits(model: nn.Module | StepModel, x: torch.Tensor, tta: str = "none") -> torch.Tensor:
+    """The logits evaluation scores: ``model(x)``, or with ``tta="flip"`` the mean of the logits
+    of ``x`` and of its horizontal flip (summed in fp32: under autocast the logits are bf16)."""
+    logits = model(x)
+    if tta == "flip":
+        logits = (logits.float() + model(hflip(x)).float()) / 2
+    elif tta != "none":
+        raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}; got {tta!r}")
+    return logits
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, criterion, rt: Runtime, num_classes: int, *,
-             limit: int | None = None, desc: str = "val", progress: bool = False) -> dict:
-    """Loss, accuracy and confusion matrix (rows = true class) over a loader, accumulated on device."""
-    model.eval()
+def evaluate(model: nn.Module | StepModel, loader, criterion, rt: Runtime, num_classes: int, *,
+             limit: int | None = None, desc: str = "val", progress: bool = False,
+             tta: str = "none") -> dict:
+    """Loss, accuracy and confusion matrix (rows = true class) over a loader, accumulated on device.
+
+    ``model`` is a module or the trainer's :class:`StepModel` (compiled forward); ``tta="flip"``
+    scores the mean logits of each image and its mirror image (see :func:`eval_logits`).
+    """
+    (model.eager if isinstance(model, StepModel) else model).eval()
     n_batches = len(loader) if limit is None else min(limit, len(loader))
     loss_sum = torch.zeros((), device=rt.device)
     confusion = torch.zeros(num_classes * num_classes, device=rt.device, dtype=torch.long)
@@ -133,7 +171,7 @@ def evaluate(model: nn.Module, loader, criterion, rt: Runtime, num_classes: int,
         if i >= n_batches:
             break
         with rt.autocast():
-            logits = model(x)
+            logits = eval_logits(model, x, tta)
         loss_sum += criterion(logits.float(), y) * y.shape[0]
         confusion += torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes ** 2)
         seen += y.shape[0]
@@ -147,3 +185,75 @@ def evaluate(model: nn.Module, loader, criterion, rt: Runtime, num_classes: int,
     return {"loss": (loss_sum / max(seen, 1)).item(),
             "acc": confusion.diag().sum().item() / max(seen, 1),
             "images": seen, "seconds": time.perf_counter() - t0, "confusion": confusion}
+
+
+def _first_batch(loader):
+    """The first batch of the loader's current epoch. The loaders draw order and augmentation
+    from generators seeded by (seed, epoch) alone, so this costs the epoch nothing; the
+    streaming path's DataLoader draws a worker base seed from the global RNG, which the caller
+    restores."""
+    it = iter(loader)
+    try:
+        return next(it)
+    finally:
+        close = getattr(it, "close", None)  # a generator: end it now (workers reset on next iter)
+        if close is not None:
+            close()
+
+
+def compile_warmup(train_model: StepModel, train_loader, eval_model: StepModel | None,
+                   eval_loader, criterion, rt: Runtime, *, freeze: FreezePlan | None = None,
+                   tta: str = "none") -> float:
+    """Compile what the run will execute, before its first epoch; return the seconds it took.
+
+    Runs one forward + backward in train mode (frozen modules in eval, as ``train_one_epoch``
+    sets them) on the first training batch, under the run's autocast, and one no-grad forward
+    in eval mode (with the run's TTA) on the first batch of ``eval_loader``. Compiled shapes:
+    the training batch size (the train loader drops its last partial batch, so it is the only
+    training shape) and the eval batch size; an eval split that is not a multiple of it costs one
+    more compile (with a dynamic batch size) at its last batch, during the first evaluation.
+
+    Leaves no trace: no optimizer step, gradients set to ``None``, every buffer (BatchNorm
+    running statistics, ``num_batches_tracked``) and the CPU/CUDA/Python RNG states restored,
+    so the run's numbers are those of a run without warm-up. A compile failure falls back to
+    eager with one warning (the time returned is then the failed attempt's).
+    """
+    models = [m for m in (train_model, eval_model) if m is not None]
+    if not any(m.compiled for m in models):
+        return 0.0
+    modules = {id(m.eager): m.eager for m in models}.values()
+    saved = [(b, b.detach().clone()) for mod in modules for b in mod.buffers()]
+    rng = rng_state()
+    train_batch = _first_batch(train_loader)
+    eval_batch = None if eval_model is None or eval_loader is None else _first_batch(eval_loader)
+    if rt.device.type == "cuda":
+        torch.cuda.synchronize(rt.device)
+    t0 = time.perf_counter()
+    try:
+        x, y = train_batch
+        set_train_mode(train_model.eager, freeze)
+        with rt.autocast():
+            loss = criterion(train_model(x), y)
+        try:
+            # The backward graph compiles lazily, on the first backward. Unscaled: a GradScaler
+            # multiplies the loss outside the compiled graph, so the graph is the same.
+            loss.backward()
+        except Exception as e:  # noqa: BLE001  (same fallback as a failing forward)
+            if not train_model.compiled:
+                raise
+            train_model._fallback(e)
+        if eval_model is not None and not train_model.compiled and eval_model.compiled:
+            eval_model._fallback(None)  # the same compiler would fail again: warned once above
+        if eval_batch is not None:
+            eval_model.eager.eval()
+            with torch.no_grad(), rt.autocast():
+                eval_logits(eval_model, eval_batch[0], tta)
+        if rt.device.type == "cuda":
+            torch.cuda.synchronize(rt.device)
+        return time.perf_counter() - t0
+    finally:
+        train_model.eager.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for buf, value in saved:
+                buf.copy_(value)
+        set_rng_state(rng)

@@ -16,13 +16,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from cnn_bench.checkpoint import FORMAT, atomic_link, atomic_save, load_checkpoint
+from cnn_bench.checkpoint import FORMAT, atomic_link, atomic_save, load_checkpoint, model_weights
 from cnn_bench.config import validate
 from cnn_bench.data import build_data
 from cnn_bench import early_stopping
+from cnn_bench.ema import ModelEma
 from cnn_bench.errors import CnnBenchError
 from cnn_bench.finetune import apply_finetune
-from cnn_bench.loop import StepModel, TrainState, evaluate, train_one_epoch
+from cnn_bench.loop import StepModel, TrainState, compile_warmup, evaluate, train_one_epoch
 from cnn_bench.models.build import build_model
 from cnn_bench.models.pretrained import pretrained_normalization
 from cnn_bench.models.profile import count_flops, count_params
@@ -79,7 +80,8 @@ def _peak_mem_mb(device: torch.device) -> float:
 def _hparams(cfg: DictConfig, rt) -> dict:
     keys = ["model.name", "model.width_mult", "model.stem", "dataset.name", "dataset.resolution",
             "optimizer.name", "optimizer.lr", "optimizer.weight_decay", "scheduler.name",
-            "augmentation.name", "trainer.epochs", "trainer.batch_size", "trainer.seed"]
+            "augmentation.name", "trainer.epochs", "trainer.batch_size", "trainer.seed",
+            "trainer.ema_decay", "trainer.tta"]
     hp = {k: OmegaConf.select(cfg, k) for k in keys}
     hp["precision"] = rt.precision
     return {k: v for k, v in hp.items() if v is not None}
@@ -135,6 +137,10 @@ def run(cfg: DictConfig) -> dict:
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.use_scaler)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.augmentation.get("label_smoothing", 0.0))
     eval_criterion = nn.CrossEntropyLoss()
+    tta = tr.get("tta", "none")
+    # The average starts as a copy of the initial (or loaded, finetune) weights.
+    ema = (ModelEma(model, tr.ema_decay, tr.get("ema_warmup", True))
+           if tr.get("ema_decay") is not None else None)
 
     state = TrainState()
     ckpt_dir = out / "checkpoints"
@@ -147,6 +153,13 @@ def run(cfg: DictConfig) -> dict:
         optimizer.load_state_dict(ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])
         scaler.load_state_dict(ck["scaler"])
+        if ema is not None:
+            if ck.get("model_ema") is not None:
+                ema.load_state_dict(ck["model_ema"])
+            else:  # the earlier attempt ran without EMA: average from the weights reached
+                ema.module.load_state_dict(ck["model"])
+                log.info("trainer.ema_decay: %s has no EMA weights; averaging from its own",
+                         resume)
         state = TrainState(**ck["state"])
         set_rng_state(ck["rng"])
         log.info("resumed from %s at epoch %d", resume, state.epoch)
@@ -155,11 +168,24 @@ def run(cfg: DictConfig) -> dict:
     wall_before = state.wall_time_s
     runlog = RunLog(out, start_step=state.global_step, start_epoch=state.epoch)
     step_model = StepModel(model, tr.compile)
+    # Validation and test score the EMA weights when EMA is on (timm's --model-ema does too).
+    eval_model = StepModel(ema.module, tr.compile) if ema is not None else step_model
+    val_loader = data.val if data.val is not None else data.test
+    val_name = "val" if data.val is not None else "test"
+    compile_s = 0.0  # this attempt's warm-up (compiled code is not in checkpoints: every attempt)
+    if tr.compile and state.epoch < tr.epochs and not state.stop_reason:
+        data.train.set_epoch(state.epoch)  # warm up on the batch the next epoch starts with
+        compile_s = compile_warmup(step_model, data.train, eval_model, val_loader, criterion, rt,
+                                   freeze=freeze, tta=tta)
+        state.compile_s += compile_s
+        log.info("torch.compile warm-up: %.1f s (not part of epoch_time_s)", compile_s)
+    first_epoch = state.epoch + 1  # the epoch whose record carries this attempt's compile_s
 
     def checkpoint(path: Path) -> None:
         state.wall_time_s = wall_before + time.perf_counter() - t_start
         atomic_save({
             "format": FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            **({"model_ema": ema.state_dict()} if ema is not None else {}),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
             "state": vars(state).copy(), "rng": rng_state(),
             "config": OmegaConf.to_yaml(cfg, resolve=True), "classes": list(data.classes),
@@ -167,25 +193,27 @@ def run(cfg: DictConfig) -> dict:
             "mean": list(data.mean), "std": list(data.std),
         }, path)
 
-    val_loader = data.val if data.val is not None else data.test
-    val_name = "val" if data.val is not None else "test"
     while state.epoch < tr.epochs and not state.stop_reason:
         data.train.set_epoch(state.epoch)
         train_m = train_one_epoch(
             step_model, data.train, criterion, optimizer, scheduler, scaler, rt, state,
             limit=tr.limit_train_batches, log_every=tr.log_every_n_steps, grad_clip=tr.grad_clip,
-            log_steps=runlog.steps, progress=tr.progress, freeze=freeze)
+            log_steps=runlog.steps, progress=tr.progress, freeze=freeze, ema=ema)
         state.epoch += 1
         state.train_time_s += train_m["seconds"]
         state.train_images += train_m["images"]
-        val_m = (evaluate(model, val_loader, eval_criterion, rt, data.num_classes,
-                          limit=tr.limit_val_batches, desc=val_name, progress=tr.progress)
+        val_m = (evaluate(eval_model, val_loader, eval_criterion, rt, data.num_classes,
+                          limit=tr.limit_val_batches, desc=val_name, progress=tr.progress,
+                          tta=tta)
                  if val_loader is not None else {"loss": math.nan, "acc": math.nan})
         record = {"epoch": state.epoch, "step": state.global_step,
                   "train/loss": train_m["loss"], "train/acc": train_m["acc"],
                   "val/loss": val_m["loss"], "val/acc": val_m["acc"],
                   "lr": optimizer.param_groups[0]["lr"], "epoch_time_s": train_m["seconds"],
                   "train/images_per_s": train_m["images"] / max(train_m["seconds"], 1e-9)}
+        if state.epoch == first_epoch:
+            record["compile_s"] = compile_s
+            runlog.tb.add_scalar("train/compile_s", compile_s, state.global_step)
         state.history.append({k: v for k, v in record.items()})
         runlog.epoch(state.global_step, record)
         log.info("epoch %d/%d  train loss %.4f acc %.4f | %s loss %.4f acc %.4f | %.1fs, %.0f img/s",
@@ -209,9 +237,12 @@ def run(cfg: DictConfig) -> dict:
     final_val = state.history[-1]["val/acc"] if state.history else math.nan
     test_acc = test_loss = None
     if data.test is not None and data.val is not None and (ckpt_dir / "best.pt").exists():
-        model.load_state_dict(load_checkpoint(ckpt_dir / "best.pt", rt.device)["model"])
-        test_m = evaluate(model, data.test, eval_criterion, rt, data.num_classes,
-                          desc="test", progress=tr.progress)
+        weights, which = model_weights(load_checkpoint(ckpt_dir / "best.pt", rt.device),
+                                       use_ema=ema is not None)
+        scored = eval_model if which == "ema" else step_model
+        scored.eager.load_state_dict(weights)
+        test_m = evaluate(scored, data.test, eval_criterion, rt, data.num_classes,
+                          desc="test", progress=tr.progress, tta=tta)
         test_acc, test_loss = test_m["acc"], test_m["loss"]
         log.info("test (best epoch %d): loss %.4f acc %.4f", state.best_epoch, test_loss, test_acc)
 
@@ -230,6 +261,7 @@ def run(cfg: DictConfig) -> dict:
         "train_images_per_s": state.train_images / max(state.train_time_s, 1e-9),
         "peak_mem_mb": _peak_mem_mb(rt.device), "device": str(rt.device),
         "precision": rt.precision, "channels_last": rt.channels_last, "compile": bool(tr.compile),
+        "compile_s": state.compile_s, "ema_decay": tr.get("ema_decay"), "tta": tta,
         "in_memory": data.in_memory, "skipped_files": list(data.skipped),
     }
     summary = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)

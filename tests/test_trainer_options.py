@@ -3,21 +3,28 @@
 Each option is run through ``cnn_bench.train.run`` on the tiny generated folder (speednet_s at
 16 px, batch 16, 2 epochs of 3 steps) and compared with the same run with the option off.
 A spy around ``train_one_epoch`` checks that the option really took effect (memory format,
-autocast dtype, compiled forward) and counts host syncs in the step loop.
+autocast dtype, compiled forward), counts host syncs in the step loop and compilations inside
+the epochs (none: the compile warm-up does them before epoch 1).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 
 import pytest
 import torch
+from torch import nn
+from torch._dynamo.utils import counters
 
 import cnn_bench.train as train_mod
 from cnn_bench import loop
+from cnn_bench.checkpoint import load_checkpoint
+from cnn_bench.loop import StepModel, compile_warmup
 from cnn_bench.models.build import build_model
 from cnn_bench.optim import build_optimizer
+from cnn_bench.runtime import Runtime
 from conftest import compose_config, tiny_overrides
 
 SHORT = ["trainer.epochs=2", "trainer.limit_train_batches=3", "trainer.save_last=false"]
@@ -39,6 +46,7 @@ class Spy:
 
     def __init__(self, monkeypatch, count_syncs: bool = False):
         self.syncs = 0
+        self.compiles: list[dict] = []  # per epoch: dynamo/AOT/inductor counters that moved
         self.first: dict = {}
         self._counting = False
         if count_syncs:  # not with compile: dynamo would trace the patched methods
@@ -74,12 +82,22 @@ class Spy:
                     "autocast_dtype": dtype, "compiled": step_model.fn is not step_model.eager,
                 }
             self._counting = True
+            before = _compile_counters()
             try:
                 return real(step_model, loader, criterion, optimizer, scheduler, scaler, rt,
                             state, **kw)
             finally:
                 self._counting = False
+                after = _compile_counters()
+                self.compiles.append({k: v - before.get(k, 0) for k, v in after.items()
+                                      if v != before.get(k, 0)})
         return wrapped
+
+
+def _compile_counters() -> dict:
+    """Counts of frames traced, joint graphs built and inductor graphs compiled or cache-loaded."""
+    return {f"{group}.{key}": n for group in ("frames", "aot_autograd", "inductor")
+            for key, n in counters[group].items() if group != "inductor" or "fxgraph" in key}
 
 
 def _run(tiny_folder, tmp_path, name: str, *extra: str) -> dict:
@@ -133,9 +151,109 @@ def test_compile_matches_or_falls_back_with_one_warning(tiny_folder, tmp_path, m
     fallback = [w for w in caught if "torch.compile failed" in str(w.message)]
     assert s["compile"] is True and (spy.first["compiled"] or fallback)
     assert len(fallback) <= 1
+    # The warm-up is timed apart (even a failed attempt takes time); epochs exclude it.
+    assert s["compile_s"] > 0 and reference["compile_s"] == 0.0
+    lines = [json.loads(ln) for ln in (tmp_path / "compiled" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["compile_s"] == s["compile_s"] and "compile_s" not in lines[1]
     if not fallback:
+        # Forward and backward were compiled before epoch 1: nothing is traced inside an epoch.
+        assert spy.compiles == [{}, {}]
         for key in ("final_train_loss", "final_val_loss"):
             assert _rel(s[key], reference[key]) < 1e-3, key
+        assert s["best_epoch"] == reference["best_epoch"]
+        a = load_checkpoint(tmp_path / "compiled" / "checkpoints/best.pt")["model"]
+        b = load_checkpoint(tmp_path / "ref" / "checkpoints/best.pt")["model"]
+        for k in b:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4, msg=k)
+
+
+def _records(run_dir) -> list[dict]:
+    """metrics.jsonl without the timing keys (they differ between any two runs)."""
+    lines = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in ln.items() if k not in ("epoch_time_s", "train/images_per_s")}
+            for ln in lines]
+
+
+def test_compile_warmup_leaves_the_run_bitwise_unchanged(tiny_folder, tmp_path, monkeypatch,
+                                                         reference):
+    """compile=true with a stand-in for torch.compile (a plain wrapper: the warm-up runs, nothing
+    is compiled) gives bit-for-bit the weights, BN statistics and metrics of compile=false."""
+    calls = []
+
+    def fake_compile(model, **kw):
+        def compiled(x):
+            calls.append(model.training)
+            return model(x)
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    s = _run(tiny_folder, tmp_path, "fake", "trainer.compile=true")
+    assert s["compile_s"] > 0  # the warm-up ran ...
+    assert calls[:2] == [True, False]  # ... a train forward, then an eval one, before any epoch
+    a = load_checkpoint(tmp_path / "fake" / "checkpoints/best.pt")["model"]
+    b = load_checkpoint(tmp_path / "ref" / "checkpoints/best.pt")["model"]
+    assert a.keys() == b.keys()
+    for k in b:
+        assert torch.equal(a[k], b[k]), k
+    rec_a, rec_b = _records(tmp_path / "fake"), _records(tmp_path / "ref")
+    assert rec_a[0].pop("compile_s") > 0 and rec_b[0].pop("compile_s") == 0.0
+    assert rec_a == rec_b
+    assert s["test_acc"] == reference["test_acc"]
+
+
+class _DropoutNet(nn.Module):
+    """Conv + BN + dropout + linear: a train-mode forward moves BN statistics and draws from the
+    global RNG, so a warm-up that did not restore them would show."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.5),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+@pytest.mark.parametrize("tta", ["none", "flip"])
+def test_compile_warmup_restores_buffers_rng_and_grads(monkeypatch, tta):
+    torch.manual_seed(0)
+    model = _DropoutNet()
+    seen = []
+
+    def fake_compile(m, **kw):
+        def compiled(x):
+            seen.append((m.training, torch.is_grad_enabled(), x.shape[0]))
+            return m(x)
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    step = StepModel(model, compile=True)
+    backward = []
+    model.body[0].weight.register_hook(lambda g: backward.append(g.abs().sum() > 0))
+    gen = torch.Generator().manual_seed(1)
+    train = [(torch.randn(8, 3, 12, 12, generator=gen), torch.randint(0, 3, (8,), generator=gen))]
+    val = [(torch.randn(16, 3, 12, 12, generator=gen), torch.randint(0, 3, (16,), generator=gen))]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    seconds = compile_warmup(step, train, step, val, nn.CrossEntropyLoss(),
+                             Runtime(torch.device("cpu"), "fp32", False), tta=tta)
+    assert seconds > 0
+    evals = [(False, False, 16)] * (2 if tta == "flip" else 1)
+    assert seen == [(True, True, 8), *evals]  # train fwd at the train batch, eval at the eval batch
+    assert backward == [True]  # the backward ran (it compiles lazily)
+    assert all(p.grad is None for p in model.parameters())
+    assert torch.equal(torch.get_rng_state(), rng)  # dropout's draws undone
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k  # running stats and num_batches_tracked restored
+    assert state["body.1.num_batches_tracked"] == 0
+
+
+def test_compile_warmup_is_free_when_not_compiled():
+    model = _DropoutNet()
+    step = StepModel(model, compile=False)
+    loader = [(torch.zeros(2, 3, 12, 12), torch.zeros(2, dtype=torch.long))]
+    assert compile_warmup(step, loader, step, loader, nn.CrossEntropyLoss(),
+                          Runtime(torch.device("cpu"), "fp32", False)) == 0.0
 
 
 def test_no_host_sync_per_step(tiny_folder, tmp_path, monkeypatch):
