@@ -22,6 +22,8 @@ _SCHEMA: dict[str, tuple[tuple[str, ...], tuple | None, float | None]] = {
     "trainer.precision": ((_STR,), ("auto", "fp32", "bf16", "fp16"), None),
     "trainer.channels_last": ((_STR, _BOOL), ("auto", True, False), None),
     "trainer.compile": ((_BOOL,), None, None),
+    "trainer.compile_mode": ((_STR,), ("default", "reduce-overhead", "max-autotune",
+                                       "max-autotune-no-cudagraphs"), None),
     "trainer.seed": ((_INT,), None, 0),
     "trainer.resume": ((_STR, _NONE), None, None),
     "trainer.limit_train_batches": ((_INT, _NONE), None, 1),

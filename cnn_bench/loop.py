@@ -17,6 +17,8 @@ from cnn_bench.finetune import FreezePlan, set_train_mode
 from cnn_bench.runtime import Runtime, rng_state, set_rng_state
 
 TTA_MODES = ("none", "flip")
+# torch.compile modes; reduce-overhead and max-autotune capture CUDA graphs (on CUDA only)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -43,12 +45,17 @@ class StepModel:
     ``torch.compile`` fails lazily (on the first call), so the fallback sits where that happens.
     """
 
-    def __init__(self, model: nn.Module, compile: bool):
+    def __init__(self, model: nn.Module, compile: bool, mode: str = "default"):
+        if mode not in COMPILE_MODES:
+            raise ValueError(f"compile mode must be one of {', '.join(COMPILE_MODES)}; got {mode!r}")
         self.eager = model
         self.fn: Callable = model
+        # CUDA graphs (reduce-overhead, max-autotune) replay into the same output buffers: an
+        # output is overwritten by the next call, and flip TTA calls twice before reading.
+        self.cudagraphs = compile and mode in ("reduce-overhead", "max-autotune")
         if compile:
             try:
-                self.fn = torch.compile(model)
+                self.fn = torch.compile(model, mode=None if mode == "default" else mode)
             except Exception as e:  # noqa: BLE001  (compile support varies by platform)
                 self._fallback(e)
 
@@ -67,7 +74,12 @@ class StepModel:
         if self.fn is self.eager:
             return self.eager(x)
         try:
-            return self.fn(x)
+            if not self.cudagraphs:
+                return self.fn(x)
+            # Each call is a new step for cudagraph trees; the clone (B x classes logits: a
+            # few KB) keeps the result valid after the next replay reuses the graph's buffers.
+            torch.compiler.cudagraph_mark_step_begin()
+            return self.fn(x).clone()
         except Exception as e:  # noqa: BLE001
             self._fallback(e)
             return self.eager(x)

@@ -167,9 +167,10 @@ def run(cfg: DictConfig) -> dict:
     # A resumed run's wall time continues from its earlier attempts' (downtime not counted).
     wall_before = state.wall_time_s
     runlog = RunLog(out, start_step=state.global_step, start_epoch=state.epoch)
-    step_model = StepModel(model, tr.compile)
+    step_model = StepModel(model, tr.compile, tr.get("compile_mode", "default"))
     # Validation and test score the EMA weights when EMA is on (timm's --model-ema does too).
-    eval_model = StepModel(ema.module, tr.compile) if ema is not None else step_model
+    eval_model = (StepModel(ema.module, tr.compile, tr.get("compile_mode", "default"))
+                  if ema is not None else step_model)
     val_loader = data.val if data.val is not None else data.test
     val_name = "val" if data.val is not None else "test"
     compile_s = 0.0  # this attempt's warm-up (compiled code is not in checkpoints: every attempt)
@@ -212,8 +213,7 @@ def run(cfg: DictConfig) -> dict:
                   "lr": optimizer.param_groups[0]["lr"], "epoch_time_s": train_m["seconds"],
                   "train/images_per_s": train_m["images"] / max(train_m["seconds"], 1e-9)}
         if state.epoch == first_epoch:
-            record["compile_s"] = compile_s
-            runlog.tb.add_scalar("train/compile_s", compile_s, state.global_step)
+            record["compile_s"] = compile_s  # TensorBoard tag compile_s, like epoch_time_s
         state.history.append({k: v for k, v in record.items()})
         runlog.epoch(state.global_step, record)
         log.info("epoch %d/%d  train loss %.4f acc %.4f | %s loss %.4f acc %.4f | %.1fs, %.0f img/s",
@@ -261,6 +261,7 @@ def run(cfg: DictConfig) -> dict:
         "train_images_per_s": state.train_images / max(state.train_time_s, 1e-9),
         "peak_mem_mb": _peak_mem_mb(rt.device), "device": str(rt.device),
         "precision": rt.precision, "channels_last": rt.channels_last, "compile": bool(tr.compile),
+        "compile_mode": tr.get("compile_mode", "default") if tr.compile else None,
         "compile_s": state.compile_s, "ema_decay": tr.get("ema_decay"), "tta": tta,
         "in_memory": data.in_memory, "skipped_files": list(data.skipped),
     }

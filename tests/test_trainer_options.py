@@ -256,6 +256,64 @@ def test_compile_warmup_is_free_when_not_compiled():
                           Runtime(torch.device("cpu"), "fp32", False)) == 0.0
 
 
+@pytest.mark.parametrize("mode,graphs", [("default", False), ("reduce-overhead", True),
+                                        ("max-autotune", True),
+                                        ("max-autotune-no-cudagraphs", False)])
+def test_compile_mode_reaches_torch_compile_and_cuda_graph_outputs_survive(monkeypatch, mode,
+                                                                           graphs):
+    """trainer.compile_mode goes to torch.compile (default = torch's own default, no mode); with
+    CUDA-graph modes every call starts a cudagraph step and hands back a copy of the output, so
+    flip TTA's first logits stay valid after the second call reuses the graph's buffers."""
+    calls, marks = [], []
+    buffer = torch.zeros(4, 3)
+
+    def fake_compile(m, **kw):
+        calls.append(kw)
+
+        def replay(x):  # like a CUDA graph: one static output buffer, overwritten per call
+            buffer.copy_(m(x))
+            return buffer
+        return replay
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    step = StepModel(loop_tta_model(), compile=True, mode=mode)
+    assert calls == [{"mode": None if mode == "default" else mode}]
+    x = torch.arange(4 * 3 * 2 * 2, dtype=torch.float32).reshape(4, 3, 2, 2)
+    got = loop.eval_logits(step, x, "flip")
+    want = (loop_tta_model()(x) + loop_tta_model()(loop.hflip(x))) / 2
+    assert len(marks) == (2 if graphs else 0)
+    if graphs:
+        assert torch.equal(got, want)
+    else:  # without the copy the first pass's logits were overwritten by the second
+        assert not torch.equal(got, want)
+    with pytest.raises(ValueError, match="compile mode must be one of"):
+        StepModel(loop_tta_model(), compile=True, mode="fast")
+
+
+def loop_tta_model() -> nn.Module:
+    """Logits = per-channel means of the image's left column (flip-sensitive, 3 classes)."""
+    class LeftColumn(nn.Module):
+        def forward(self, x):
+            return x[..., :1].mean(dim=(2, 3))
+    return LeftColumn()
+
+
+def test_compile_mode_is_validated_and_recorded(tiny_folder, tmp_path, monkeypatch):
+    from cnn_bench.config import validate
+    from cnn_bench.errors import CnnBenchError
+    with pytest.raises(CnnBenchError, match="trainer.compile_mode must be one of"):
+        validate(compose_config(["trainer.compile_mode=fast"]))
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: seen.append(kw) or m)
+    cfg = compose_config(tiny_overrides(tiny_folder, tmp_path / "run") + [
+        "trainer.epochs=1", "trainer.limit_train_batches=1", "trainer.compile=true",
+        "trainer.compile_mode=reduce-overhead"])
+    s = train_mod.run(cfg)
+    assert seen and all(kw == {"mode": "reduce-overhead"} for kw in seen)
+    assert s["compile_mode"] == "reduce-overhead"
+
+
 def test_no_host_sync_per_step(tiny_folder, tmp_path, monkeypatch):
     """Syncs happen at log intervals and at the epoch's end, never per step: with a log interval
     longer than the epoch, 1 step and 4 steps cost the same number of syncs."""
