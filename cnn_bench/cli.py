@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import itertools
 import re
+import shutil
 import sys
 from collections.abc import Callable
 
@@ -128,6 +129,11 @@ def check_command_line(argv: list[str], config_name: str = "config") -> None:
                 import hydra_plugins.hydra_submitit_launcher  # noqa: F401
             except ImportError:
                 fail(f"{o} needs hydra-submitit-launcher: pip install -e \".[slurm]\"")
+            # submitit's SLURM executor needs srun (it raises a bare RuntimeError otherwise);
+            # its local executor (submitit_local) does not.
+            if "local" not in o and shutil.which("srun") is None:
+                fail(f"{o} submits to SLURM, but there is no 'srun' on this machine's PATH: run "
+                     "the sweep from a SLURM login node, or drop hydra/launcher to run it here")
     overrides = [o for o in args.overrides if not o.startswith("hydra.") and not o.startswith("hydra/")]
     try:
         lists = _candidate_override_lists(overrides)

@@ -411,3 +411,17 @@ def test_submitit_launcher_composes_when_installed(launcher):
     assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
     assert cfg.hydra.launcher.partition == "gpu"
     assert cfg.hydra.callbacks.sweep._target_ == "cnn_bench.sweep.callback.SweepCallback"
+
+
+def test_slurm_launcher_without_srun_is_one_line(monkeypatch, capsys):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from cnn_bench import cli
+
+    monkeypatch.setattr(cli.shutil, "which", lambda name: None)
+    with pytest.raises(SystemExit) as e:
+        cli.check_command_line(["-m", "hydra/launcher=slurm", "model=speednet_s"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: hydra/launcher=slurm submits to SLURM")
+    monkeypatch.setattr(cli.shutil, "which", lambda name: "/usr/bin/srun")
+    cli.check_command_line(["-m", "hydra/launcher=slurm", "model=speednet_s"])  # passes the check
