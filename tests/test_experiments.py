@@ -31,10 +31,12 @@ EXPECTED = {
                          "optimizer.lr": 1e-4},
     "cifar10_resnet18": {"model.name": "resnet18", "model.stem": "cifar", "dataset.name": "cifar10",
                          "optimizer.name": "sgd", "optimizer.nesterov": True,
-                         "augmentation.label_smoothing": 0.1, "trainer.batch_size": 512},
+                         "augmentation.label_smoothing": 0.1, "trainer.batch_size": 512,
+                         "trainer.tta": "flip"},
     "cifar10_speedrun": {"model.name": "speednet", "dataset.name": "cifar10",
                          "dataset.resolution": 32, "augmentation.label_smoothing": 0.2,
-                         "trainer.batch_size": 1024, "trainer.compile": True},
+                         "trainer.batch_size": 1024, "trainer.compile": True,
+                         "trainer.ema_decay": 0.98, "trainer.tta": "flip"},
 }
 
 
