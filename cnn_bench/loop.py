@@ -55,7 +55,11 @@ class StepModel:
         self.cudagraphs = compile and mode in ("reduce-overhead", "max-autotune")
         if compile:
             try:
-                self.fn = torch.compile(model, mode=None if mode == "default" else mode)
+                # dynamic=False: one static graph per batch shape (the train batch, the eval batch
+                # and the eval split's last partial batch, all compiled by compile_warmup) instead
+                # of a recompile to a symbolic batch size at the first odd-sized batch.
+                self.fn = torch.compile(model, mode=None if mode == "default" else mode,
+                                        dynamic=False)
             except Exception as e:  # noqa: BLE001  (compile support varies by platform)
                 self._fallback(e)
 
@@ -213,17 +217,28 @@ def _first_batch(loader):
             close()
 
 
+def _last_batch_size(loader, limit: int | None) -> int | None:
+    """The size of the loader's last batch when it is partial and reached, else ``None``."""
+    n, bs = getattr(loader, "num_samples", None), getattr(loader, "batch_size", None)
+    if not n or not bs or n % bs == 0 or n < bs:
+        return None
+    if limit is not None and limit < len(loader):
+        return None  # evaluation stops before the partial batch
+    return n % bs
+
+
 def compile_warmup(train_model: StepModel, train_loader, eval_model: StepModel | None,
                    eval_loader, criterion, rt: Runtime, *, freeze: FreezePlan | None = None,
-                   tta: str = "none") -> float:
+                   tta: str = "none", eval_limit: int | None = None) -> float:
     """Compile what the run will execute, before its first epoch; return the seconds it took.
 
     Runs one forward + backward in train mode (frozen modules in eval, as ``train_one_epoch``
     sets them) on the first training batch, under the run's autocast, and one no-grad forward
     in eval mode (with the run's TTA) on the first batch of ``eval_loader``. Compiled shapes:
     the training batch size (the train loader drops its last partial batch, so it is the only
-    training shape) and the eval batch size; an eval split that is not a multiple of it costs one
-    more compile (with a dynamic batch size) at its last batch, during the first evaluation.
+    training shape), the eval batch size and, when the eval split is not a multiple of it (and
+    ``eval_limit`` does not stop short of it), the size of its last batch - every static shape
+    validation will run (a test split of another size costs one compile at the end).
 
     Leaves no trace: no optimizer step, gradients set to ``None``, every buffer (BatchNorm
     running statistics, ``num_batches_tracked``) and the CPU/CUDA/Python RNG states restored,
@@ -258,8 +273,11 @@ def compile_warmup(train_model: StepModel, train_loader, eval_model: StepModel |
             eval_model._fallback(None)  # the same compiler would fail again: warned once above
         if eval_batch is not None:
             eval_model.eager.eval()
+            last = _last_batch_size(eval_loader, eval_limit)
             with torch.no_grad(), rt.autocast():
                 eval_logits(eval_model, eval_batch[0], tta)
+                if last is not None and last < eval_batch[0].shape[0]:
+                    eval_logits(eval_model, eval_batch[0][:last], tta)
         if rt.device.type == "cuda":
             torch.cuda.synchronize(rt.device)
         return time.perf_counter() - t0

@@ -177,7 +177,7 @@ def run(cfg: DictConfig) -> dict:
     if tr.compile and state.epoch < tr.epochs and not state.stop_reason:
         data.train.set_epoch(state.epoch)  # warm up on the batch the next epoch starts with
         compile_s = compile_warmup(step_model, data.train, eval_model, val_loader, criterion, rt,
-                                   freeze=freeze, tta=tta)
+                                   freeze=freeze, tta=tta, eval_limit=tr.limit_val_batches)
         state.compile_s += compile_s
         log.info("torch.compile warm-up: %.1f s (not part of epoch_time_s)", compile_s)
     first_epoch = state.epoch + 1  # the epoch whose record carries this attempt's compile_s

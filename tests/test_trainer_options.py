@@ -248,6 +248,42 @@ def test_compile_warmup_restores_buffers_rng_and_grads(monkeypatch, tta):
     assert state["body.1.num_batches_tracked"] == 0
 
 
+class _ListLoader(list):
+    """Batches in a list, with the sizes a cnn_bench loader reports."""
+
+    def __init__(self, batches, num_samples, batch_size):
+        super().__init__(batches)
+        self.num_samples, self.batch_size = num_samples, batch_size
+
+
+@pytest.mark.parametrize("num_samples,limit,eval_shapes", [
+    (20, None, [16, 4]),   # 16 + a partial batch of 4: both static shapes compiled up front
+    (32, None, [16]),      # no partial batch
+    (20, 1, [16]),         # limit_val_batches=1 never reaches the partial batch
+])
+def test_compile_warmup_compiles_the_partial_eval_batch(monkeypatch, num_samples, limit,
+                                                        eval_shapes):
+    seen = []
+
+    def fake_compile(m, **kw):
+        assert kw.get("dynamic") is False  # one static graph per shape
+        def compiled(x):
+            seen.append((m.training, x.shape[0]))
+            return m(x)
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    model = _DropoutNet()
+    step = StepModel(model, compile=True)
+    x = torch.randn(16, 3, 12, 12)
+    train = [(x[:8], torch.zeros(8, dtype=torch.long))]
+    n_batches = -(-num_samples // 16)
+    val = _ListLoader([(x, torch.zeros(16, dtype=torch.long))] * n_batches, num_samples, 16)
+    compile_warmup(step, train, step, val, nn.CrossEntropyLoss(),
+                   Runtime(torch.device("cpu"), "fp32", False), eval_limit=limit)
+    assert seen == [(True, 8)] + [(False, n) for n in eval_shapes]
+
+
 def test_compile_warmup_is_free_when_not_compiled():
     model = _DropoutNet()
     step = StepModel(model, compile=False)
@@ -278,7 +314,7 @@ def test_compile_mode_reaches_torch_compile_and_cuda_graph_outputs_survive(monke
     monkeypatch.setattr(torch, "compile", fake_compile)
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
     step = StepModel(loop_tta_model(), compile=True, mode=mode)
-    assert calls == [{"mode": None if mode == "default" else mode}]
+    assert calls == [{"mode": None if mode == "default" else mode, "dynamic": False}]
     x = torch.arange(4 * 3 * 2 * 2, dtype=torch.float32).reshape(4, 3, 2, 2)
     got = loop.eval_logits(step, x, "flip")
     want = (loop_tta_model()(x) + loop_tta_model()(loop.hflip(x))) / 2
@@ -310,7 +346,7 @@ def test_compile_mode_is_validated_and_recorded(tiny_folder, tmp_path, monkeypat
         "trainer.epochs=1", "trainer.limit_train_batches=1", "trainer.compile=true",
         "trainer.compile_mode=reduce-overhead"])
     s = train_mod.run(cfg)
-    assert seen and all(kw == {"mode": "reduce-overhead"} for kw in seen)
+    assert seen and all(kw == {"mode": "reduce-overhead", "dynamic": False} for kw in seen)
     assert s["compile_mode"] == "reduce-overhead"
 
 
