@@ -32,6 +32,8 @@ from cnn_bench.runlog import RunLog, write_json
 from cnn_bench.runtime import resolve_runtime, rng_state, seed_everything, set_rng_state
 
 log = logging.getLogger("cnn_bench")
+# Images for data-dependent initialisation: ~1M 2x2 patches at 32 px for a 12 x 12 covariance.
+DATA_INIT_IMAGES = 1024
 
 
 def resolve_output_dir(cfg: DictConfig) -> Path:
@@ -87,6 +89,25 @@ def _hparams(cfg: DictConfig, rt) -> dict:
     return {k: v for k, v in hp.items() if v is not None}
 
 
+def _init_from_data(model: nn.Module, train, max_images: int = DATA_INIT_IMAGES) -> None:
+    """Data-dependent initialisation, for models that set ``wants_data_init`` (SpeedNet's
+    whitening stem): hand ``model.init_from_data`` the first training batches, augmented and
+    normalised as epoch 1 will see them. Loaders derive their order from (seed, epoch), so
+    reading ahead changes no later batch."""
+    if not getattr(model, "wants_data_init", False):
+        return
+    train.set_epoch(0)
+    batches, n = [], 0
+    for x, _ in train:
+        batches.append(x)
+        n += len(x)
+        if n >= max_images:
+            break
+    t0 = time.perf_counter()
+    model.init_from_data(torch.cat(batches)[:max_images])
+    log.debug("init_from_data: %d images, %.2f s", min(n, max_images), time.perf_counter() - t0)
+
+
 def run(cfg: DictConfig) -> dict:
     """Train one model as the config says; return the summary (also written to summary.json)."""
     t_start = time.perf_counter()
@@ -130,6 +151,9 @@ def run(cfg: DictConfig) -> dict:
     if len(data.train) == 0:
         raise CnnBenchError(f"the training split has {data.train.num_samples} images: too few "
                             f"for one batch; lower trainer.batch_size")
+    resume = _resume_path(cfg, out)
+    if resume is None and cfg.model.get("weights") is None and not cfg.model.get("pretrained"):
+        _init_from_data(model, data.train)
     steps_per_epoch = len(data.train) if tr.limit_train_batches is None else min(
         tr.limit_train_batches, len(data.train))
     optimizer = build_optimizer(cfg.optimizer, model, rt.device)
@@ -144,7 +168,6 @@ def run(cfg: DictConfig) -> dict:
 
     state = TrainState()
     ckpt_dir = out / "checkpoints"
-    resume = _resume_path(cfg, out)
     if resume is not None:
         # Loaded on the CPU: RNG states must stay there, and load_state_dict copies model and
         # optimizer tensors to the parameters' device itself.

@@ -2,6 +2,8 @@
 
 Shaped after the airbench speedrun network: a 3x3 stem, then stages of
 conv -> max-pool -> BN -> GELU -> conv -> BN -> GELU, global max pool and a linear head.
+``whiten=True`` swaps the stem for airbench's whitening layer: a frozen 2x2 conv whose filters
+are set from the training images by ``init_from_data`` (the trainer calls it before epoch 1).
 """
 
 from __future__ import annotations
@@ -32,12 +34,22 @@ class SpeedBlock(nn.Module):
         return self.act(self.bn2(self.conv2(x)))
 
 
+# Whitening stem: 2x2 patches of 3 channels = 12 directions; each filter and its negative.
+WHITEN_KERNEL = 2
+WHITEN_WIDTH = 2 * 3 * WHITEN_KERNEL * WHITEN_KERNEL
+WHITEN_EPS = 5e-4  # added to the patch covariance's eigenvalues (normalised-pixel units squared)
+
+
 class SpeedNet(nn.Module):
-    """Stem + len(widths) SpeedBlocks + global max pool + linear classifier."""
+    """Stem + len(widths) SpeedBlocks + global max pool + linear classifier.
+
+    ``whiten=True``: the stem is a 2x2 conv (24 filters, no padding) + GELU whose weights are
+    frozen and set by ``init_from_data`` to whiten the data's 2x2 patches; its bias trains.
+    """
 
     def __init__(self, widths: Sequence[int] = (64, 256, 256), stem_width: int = 24,
                  num_classes: int = 10, width_mult: float = 1.0, stem: str = "cifar",
-                 head_scale: float = 1 / 9):
+                 head_scale: float = 1 / 9, whiten: bool = False):
         super().__init__()
         check_stem(stem)
         check_width_mult(width_mult)
@@ -46,12 +58,25 @@ class SpeedNet(nn.Module):
         # NOTE: stem="imagenet" adds a stride-2 conv and a max-pool (4x downsampling) so 224 px
         # inputs cost about what 56 px would; the network was designed for 32 px.
         stem_stride = 2 if stem == "imagenet" else 1
-        self.stem = nn.Sequential(
-            nn.Conv2d(3, stem_width, 3, stem_stride, 1, bias=False),
-            nn.BatchNorm2d(stem_width),
-            nn.GELU(),
-            *([nn.MaxPool2d(3, 2, 1)] if stem == "imagenet" else []),
-        )
+        pool = [nn.MaxPool2d(3, 2, 1)] if stem == "imagenet" else []
+        self.whiten = bool(whiten)
+        self.wants_data_init = self.whiten  # the trainer then calls init_from_data
+        if self.whiten:
+            # NOTE: airbench's whitening layer. Decorrelated, unit-variance inputs let the first
+            # epochs learn at a high lr. Its width is fixed by the patch size (width_mult does not
+            # apply), and the bias trains for the whole run (airbench freezes it after 3 epochs
+            # to save the backward pass; here that would be one more schedule to tune).
+            stem_width = WHITEN_WIDTH
+            conv = nn.Conv2d(3, stem_width, WHITEN_KERNEL, stem_stride, 0, bias=True)
+            conv.weight.requires_grad_(False)
+            self.stem = nn.Sequential(conv, nn.GELU(), *pool)
+        else:
+            self.stem = nn.Sequential(
+                nn.Conv2d(3, stem_width, 3, stem_stride, 1, bias=False),
+                nn.BatchNorm2d(stem_width),
+                nn.GELU(),
+                *pool,
+            )
         chans = [stem_width, *widths]
         self.stages = nn.Sequential(*(SpeedBlock(a, b) for a, b in zip(chans[:-1], chans[1:])))
         self.pool = nn.AdaptiveMaxPool2d(1)
@@ -61,6 +86,25 @@ class SpeedNet(nn.Module):
         self.num_features = widths[-1]
         self.classifier_name = "fc"
         self.stage_names = [f"stages.{i}" for i in range(len(self.stages))]
+
+    @torch.no_grad()
+    def init_from_data(self, images: torch.Tensor) -> None:
+        """Set the whitening stem's filters from normalised training images ``[N, 3, H, W]``:
+        the eigenvectors of their 2x2 patch covariance, scaled by 1/sqrt(eigenvalue + eps), and
+        their negatives (GELU keeps both signs' information). No-op without ``whiten``."""
+        if not self.whiten:
+            return
+        conv = self.stem[0]
+        k, s = conv.kernel_size[0], conv.stride[0]
+        patches = images.float().unfold(2, k, s).unfold(3, k, s)  # N, C, H', W', k, k
+        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, 3 * k * k)
+        # float64 on the CPU: a 12 x 12 eigendecomposition that is the same on every device.
+        cov = patches.T @ patches / len(patches)
+        evals, evecs = torch.linalg.eigh(cov.double().cpu())  # ascending eigenvalues
+        filters = (evecs / torch.sqrt(evals.clamp_min(0) + WHITEN_EPS)).T.flip(0)
+        filters = filters.reshape(-1, 3, k, k).to(conv.weight)
+        conv.weight.copy_(torch.cat([filters, -filters]))
+        conv.bias.zero_()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.stages(self.stem(x))
@@ -73,17 +117,19 @@ class SpeedNet(nn.Module):
 
 
 def _speednet(widths: Sequence[int], stem_width: int, num_classes: int, width_mult: float,
-              stem: str) -> SpeedNet:
-    return SpeedNet(widths, stem_width, num_classes, width_mult, stem)
+              stem: str, whiten: bool) -> SpeedNet:
+    return SpeedNet(widths, stem_width, num_classes, width_mult, stem, whiten=whiten)
 
 
 @register_model
-def speednet(num_classes: int = 10, width_mult: float = 1.0, stem: str = "cifar") -> SpeedNet:
+def speednet(num_classes: int = 10, width_mult: float = 1.0, stem: str = "cifar",
+             whiten: bool = False) -> SpeedNet:
     """SpeedNet with airbench94's widths (64, 256, 256): the CIFAR-10 speedrun network."""
-    return _speednet((64, 256, 256), 24, num_classes, width_mult, stem)
+    return _speednet((64, 256, 256), 24, num_classes, width_mult, stem, whiten)
 
 
 @register_model
-def speednet_s(num_classes: int = 10, width_mult: float = 1.0, stem: str = "cifar") -> SpeedNet:
+def speednet_s(num_classes: int = 10, width_mult: float = 1.0, stem: str = "cifar",
+               whiten: bool = False) -> SpeedNet:
     """A quarter-width SpeedNet (32, 64, 128): the CPU-friendly default model."""
-    return _speednet((32, 64, 128), 16, num_classes, width_mult, stem)
+    return _speednet((32, 64, 128), 16, num_classes, width_mult, stem, whiten)
