@@ -76,9 +76,24 @@ def test_time_to_accuracy_smoke(tiny_folder, tmp_path):
     assert set(rows) == {"cifar10_resnet18", "cifar10_speedrun"}
     for r in rows.values():
         assert r[1] == "1" and r[2] == "1/1" and r[5] == "1" and r[-1] == "-", r
+    # epoch_table.py puts the two runs' curves side by side (their metrics.jsonl epoch records).
+    work = tmp_path / "work"
+    curves = tmp_path / "curves.md"
+    _run("epoch_table.py", f"resnet={work / 'cifar10_resnet18-seed0'}",
+         f"speed={work / 'cifar10_speedrun-seed0' / 'metrics.jsonl'}", "--out", str(curves))
+    text = curves.read_text()
+    assert text.splitlines()[0] == ("| epoch | resnet: acc | resnet: epoch s | speed: acc | "
+                                    "speed: epoch s |")
+    (row,) = _table_rows(text)
+    for run, cells in (("cifar10_resnet18", row[1:3]), ("cifar10_speedrun", row[3:5])):
+        (rec,) = [json.loads(ln) for ln in (work / f"{run}-seed0" / "metrics.jsonl").open()
+                  if '"val/acc"' in ln]
+        assert cells == [f"{rec['val/acc']:.4f}", f"{rec['epoch_time_s']:.0f}"], run
+    assert row[0] == "1"
 
 
-@pytest.mark.parametrize("module", ["throughput", "vs_timm", "time_to_accuracy", "handwritten"])
+@pytest.mark.parametrize("module", ["throughput", "vs_timm", "time_to_accuracy", "handwritten",
+                                    "epoch_table"])
 def test_help(module, capsys):
     mod = __import__(f"benchmarks.{module}", fromlist=["main"])
     with pytest.raises(SystemExit) as exc:
