@@ -46,3 +46,23 @@ def tiny_overrides(root: Path, out: Path, *extra: str) -> list[str]:
         "trainer.device=cpu", "trainer.progress=false", "trainer.log_every_n_steps=2",
         f"output_dir={out}", *extra,
     ]
+
+
+def interrupt_after_first_epoch(monkeypatch, start) -> None:
+    """Call ``start()`` (a training run) with its second epoch raising KeyboardInterrupt, as a
+    pre-emption after epoch 1 would; the trainer is restored afterwards."""
+    import cnn_bench.train as train_mod
+
+    real = train_mod.train_one_epoch
+    calls = {"n": 0}
+
+    def interrupted(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(train_mod, "train_one_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        start()
+    monkeypatch.setattr(train_mod, "train_one_epoch", real)

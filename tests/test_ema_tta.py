@@ -22,7 +22,7 @@ from cnn_bench.errors import CnnBenchError
 from cnn_bench.export import export
 from cnn_bench.loop import StepModel, eval_logits, evaluate
 from cnn_bench.runtime import Runtime
-from conftest import compose_config, tiny_overrides
+from conftest import compose_config, interrupt_after_first_epoch, tiny_overrides
 
 CPU = Runtime(torch.device("cpu"), "fp32", False)
 
@@ -234,19 +234,7 @@ def test_resume_with_ema_matches_uninterrupted_run(tiny_folder, tmp_path, monkey
 
     part = tmp_path / "part"
     steps.clear()
-    real = train_mod.train_one_epoch
-    calls = {"n": 0}
-
-    def interrupted(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(train_mod, "train_one_epoch", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        _train(tiny_folder, part, *extra)
-    monkeypatch.setattr(train_mod, "train_one_epoch", real)
+    interrupt_after_first_epoch(monkeypatch, lambda: _train(tiny_folder, part, *extra))
     assert load_checkpoint(part / "checkpoints/last.pt")["state"]["epoch"] == 1
     _train(tiny_folder, part, *extra, "trainer.resume=auto")
     assert steps == list(range(6))  # the resumed attempt continues the count at 2

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 import cnn_bench.train as train_mod
 from cnn_bench import evaluate as evaluate_mod
 from cnn_bench.checkpoint import load_checkpoint
-from conftest import compose_config, tiny_overrides
+from conftest import compose_config, interrupt_after_first_epoch, tiny_overrides
 
 SUMMARY_KEYS = {"model", "dataset", "resolution", "params", "flops", "epochs", "best_val_acc",
                 "best_epoch", "final_val_acc", "test_acc", "wall_time_s", "train_images_per_s",
@@ -88,19 +88,8 @@ def test_resume_matches_uninterrupted_run(tiny_folder, tmp_path, monkeypatch):
 
     # Interrupt a second run after its first epoch (as a pre-emption would), then resume it.
     part = tmp_path / "part"
-    real = train_mod.train_one_epoch
-    calls = {"n": 0}
-
-    def interrupted(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(train_mod, "train_one_epoch", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        train_mod.run(compose_config(tiny_overrides(tiny_folder, part, *extra)))
-    monkeypatch.setattr(train_mod, "train_one_epoch", real)
+    interrupt_after_first_epoch(
+        monkeypatch, lambda: train_mod.run(compose_config(tiny_overrides(tiny_folder, part, *extra))))
     first = load_checkpoint(part / "checkpoints/last.pt")["state"]
     assert first["epoch"] == 1 and first["wall_time_s"] > 0
     summary = train_mod.run(compose_config(tiny_overrides(tiny_folder, part, *extra,
