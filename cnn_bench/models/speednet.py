@@ -60,7 +60,6 @@ class SpeedNet(nn.Module):
         stem_stride = 2 if stem == "imagenet" else 1
         pool = [nn.MaxPool2d(3, 2, 1)] if stem == "imagenet" else []
         self.whiten = bool(whiten)
-        self.wants_data_init = self.whiten  # the trainer then calls init_from_data
         if self.whiten:
             # NOTE: airbench's whitening layer. Decorrelated, unit-variance inputs let the first
             # epochs learn at a high lr. Its width is fixed by the patch size (width_mult does not
@@ -87,6 +86,11 @@ class SpeedNet(nn.Module):
         self.classifier_name = "fc"
         self.stage_names = [f"stages.{i}" for i in range(len(self.stages))]
 
+    @property
+    def wants_data_init(self) -> bool:
+        """True when the trainer should call ``init_from_data`` before training."""
+        return self.whiten
+
     @torch.no_grad()
     def init_from_data(self, images: torch.Tensor) -> None:
         """Set the whitening stem's filters from normalised training images ``[N, 3, H, W]``:
@@ -98,8 +102,8 @@ class SpeedNet(nn.Module):
         k, s = conv.kernel_size[0], conv.stride[0]
         patches = images.float().unfold(2, k, s).unfold(3, k, s)  # N, C, H', W', k, k
         patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, 3 * k * k)
-        # float64 on the CPU: a 12 x 12 eigendecomposition that is the same on every device.
         cov = patches.T @ patches / len(patches)
+        # float64 on the CPU: a 12 x 12 eigendecomposition that is the same on every device.
         evals, evecs = torch.linalg.eigh(cov.double().cpu())  # ascending eigenvalues
         filters = (evecs / torch.sqrt(evals.clamp_min(0) + WHITEN_EPS)).T.flip(0)
         filters = filters.reshape(-1, 3, k, k).to(conv.weight)
