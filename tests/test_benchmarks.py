@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from benchmarks import common, time_to_accuracy, vs_timm
+from benchmarks import common, time_to_accuracy, timm_script, vs_timm
 from conftest import ROOT
 
 BENCH = ROOT / "benchmarks"
@@ -118,13 +118,13 @@ def test_timm_row_parsing_and_skip_reasons(tmp_path, monkeypatch):
         w.writerow(["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5"])
         w.writerow([0, 2.0, 1.9, 31.5, 80.0])
         w.writerow([1, 1.5, 1.4, 52.25, 90.0])
-    assert vs_timm.parse_timm(tmp_path)["acc"] == pytest.approx(0.5225)
-    assert "TIMM_TRAIN_SCRIPT" in vs_timm.timm_missing(None)
-    assert "not found" in vs_timm.timm_missing(str(tmp_path / "nope.py"))
+    assert timm_script.parse_timm(tmp_path)["acc"] == pytest.approx(0.5225)
+    assert "TIMM_TRAIN_SCRIPT" in timm_script.timm_missing(None)
+    assert "not found" in timm_script.timm_missing(str(tmp_path / "nope.py"))
     script = tmp_path / "train.py"
     script.write_text("")
-    monkeypatch.setattr(vs_timm.importlib.util, "find_spec", lambda name: None)
-    assert "not installed" in vs_timm.timm_missing(str(script))
+    monkeypatch.setattr(timm_script.importlib.util, "find_spec", lambda name: None)
+    assert "not installed" in timm_script.timm_missing(str(script))
 
 
 def test_timm_command_does_the_same_work(tmp_path, monkeypatch):
@@ -138,8 +138,8 @@ def test_timm_command_does_the_same_work(tmp_path, monkeypatch):
     timm_cmd = runners["timm train.py"].command(tmp_path / "o", False)
     cb_cmd = runners["cnn_bench"].command(tmp_path / "o", False)
     # through the launcher: `python -c TIMM_LAUNCHER <train.py> <device> <times file> <args>`
-    assert timm_cmd[1:6] == ["-c", vs_timm.TIMM_LAUNCHER, str(tmp_path / "t.py"), "cpu",
-                             str(tmp_path / "o" / vs_timm.TIMM_TIMES)]
+    assert timm_cmd[1:6] == ["-c", timm_script.TIMM_LAUNCHER, str(tmp_path / "t.py"), "cpu",
+                             str(tmp_path / "o" / timm_script.TIMM_TIMES)]
     for flag, value in (("--data-dir", str(tmp_path)), ("--val-split", "test"),
                         ("--model", "resnet18"), ("--num-classes", "10"), ("--img-size", "32"),
                         ("--crop-pct", "1.0"), ("--interpolation", "bilinear"), ("--epochs", "3"),
@@ -191,14 +191,14 @@ def test_timm_launcher_fixes_the_device_and_times_epochs(tmp_path):
     script = tmp_path / "train.py"
     script.write_text(FAKE_TIMM_TRAIN)
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-c", vs_timm.TIMM_LAUNCHER, str(script), "cpu",
-                           str(out / vs_timm.TIMM_TIMES), "--output", str(out)],
+    proc = subprocess.run([sys.executable, "-c", timm_script.TIMM_LAUNCHER, str(script), "cpu",
+                           str(out / timm_script.TIMM_TIMES), "--output", str(out)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    parsed = vs_timm.parse_timm(out)
+    parsed = timm_script.parse_timm(out)
     assert parsed["acc"] == pytest.approx(0.4)
     assert parsed["train_s"] is not None and parsed["train_s"] >= 0
-    assert len(json.loads((out / vs_timm.TIMM_TIMES).read_text())["train_epoch_s"]) == 2
+    assert len(json.loads((out / timm_script.TIMM_TIMES).read_text())["train_epoch_s"]) == 2
 
 
 _TIMM_SCRIPT = os.environ.get("TIMM_TRAIN_SCRIPT")
