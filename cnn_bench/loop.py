@@ -203,7 +203,7 @@ def evaluate(model: nn.Module | StepModel, loader, criterion, rt: Runtime, num_c
             "images": seen, "seconds": time.perf_counter() - t0, "confusion": confusion}
 
 
-def _first_batch(loader):
+def first_batch(loader):
     """The first batch of the loader's current epoch. The loaders draw order and augmentation
     from generators seeded by (seed, epoch) alone, so this costs the epoch nothing; the
     streaming path's DataLoader draws a worker base seed from the global RNG, which the caller
@@ -251,8 +251,8 @@ def compile_warmup(train_model: StepModel, train_loader, eval_model: StepModel |
     modules = {id(m.eager): m.eager for m in models}.values()
     saved = [(b, b.detach().clone()) for mod in modules for b in mod.buffers()]
     rng = rng_state()
-    train_batch = _first_batch(train_loader)
-    eval_batch = None if eval_model is None or eval_loader is None else _first_batch(eval_loader)
+    train_batch = first_batch(train_loader)
+    eval_batch = None if eval_model is None or eval_loader is None else first_batch(eval_loader)
     if rt.device.type == "cuda":
         torch.cuda.synchronize(rt.device)
     t0 = time.perf_counter()

@@ -23,7 +23,8 @@ from cnn_bench import early_stopping
 from cnn_bench.ema import ModelEma
 from cnn_bench.errors import CnnBenchError
 from cnn_bench.finetune import apply_finetune
-from cnn_bench.loop import StepModel, TrainState, compile_warmup, evaluate, train_one_epoch
+from cnn_bench.loop import (StepModel, TrainState, compile_warmup, evaluate, first_batch,
+                             train_one_epoch)
 from cnn_bench.models.build import build_model
 from cnn_bench.models.pretrained import pretrained_normalization
 from cnn_bench.models.profile import count_flops, count_params
@@ -32,8 +33,6 @@ from cnn_bench.runlog import RunLog, write_json
 from cnn_bench.runtime import resolve_runtime, rng_state, seed_everything, set_rng_state
 
 log = logging.getLogger("cnn_bench")
-# Images for data-dependent initialisation: ~1M 2x2 patches at 32 px for a 12 x 12 covariance.
-DATA_INIT_IMAGES = 1024
 
 
 def resolve_output_dir(cfg: DictConfig) -> Path:
@@ -89,23 +88,18 @@ def _hparams(cfg: DictConfig, rt) -> dict:
     return {k: v for k, v in hp.items() if v is not None}
 
 
-def _init_from_data(model: nn.Module, train, max_images: int = DATA_INIT_IMAGES) -> None:
+def _init_from_data(model: nn.Module, train) -> None:
     """Data-dependent initialisation, for models that set ``wants_data_init`` (SpeedNet's
-    whitening stem): hand ``model.init_from_data`` the first training batches, augmented and
-    normalised as epoch 1 will see them. Loaders derive their order from (seed, epoch), so
-    reading ahead changes no later batch."""
+    whitening stem): hand ``model.init_from_data`` the first training batch, augmented and
+    normalised as epoch 1 will see it. Reading it changes no later batch (loaders draw from
+    (seed, epoch) alone) and, with the global RNG restored, no later random number."""
     if not getattr(model, "wants_data_init", False):
         return
     train.set_epoch(0)
-    batches, n = [], 0
-    for x, _ in train:
-        batches.append(x)
-        n += len(x)
-        if n >= max_images:
-            break
-    t0 = time.perf_counter()
-    model.init_from_data(torch.cat(batches)[:max_images])
-    log.debug("init_from_data: %d images, %.2f s", min(n, max_images), time.perf_counter() - t0)
+    rng = rng_state()
+    x, _ = first_batch(train)
+    set_rng_state(rng)
+    model.init_from_data(x)
 
 
 def run(cfg: DictConfig) -> dict:
