@@ -40,6 +40,8 @@ _SCHEMA: dict[str, tuple[tuple[str, ...], tuple | None, float | None]] = {
     "model.width_mult": ((_FLOAT,), None, 0.01),
     "optimizer.lr": ((_FLOAT,), None, 0),
     "optimizer.weight_decay": ((_FLOAT,), None, 0),
+    "optimizer.head_lr_mult": ((_FLOAT,), None, 0),
+    "optimizer.norm_bias_lr_mult": ((_FLOAT,), None, 0),
 }
 
 

@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from cnn_bench.ema import ModelEma
 from cnn_bench.finetune import FreezePlan, set_train_mode
+from cnn_bench.optim import base_lr
 from cnn_bench.runtime import Runtime, rng_state, set_rng_state
 
 TTA_MODES = ("none", "flip")
@@ -126,7 +127,7 @@ def train_one_epoch(step_model: StepModel, loader, criterion, optimizer, schedul
         scaler.update()
         if ema is not None:
             ema.update(state.global_step)
-        pending_lr.append(optimizer.param_groups[0]["lr"])
+        pending_lr.append(base_lr(optimizer))
         scheduler.step()
         loss = loss.detach()
         loss_sum += loss.float() * y.shape[0]

@@ -13,23 +13,41 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("none", "cosine", "step", "onecycle")
 
 
-def param_groups(model: nn.Module, weight_decay: float, head_lr_mult: float = 1.0) -> list[dict]:
+NORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm,
+               nn.LayerNorm)
+
+
+def param_groups(model: nn.Module, weight_decay: float, head_lr_mult: float = 1.0,
+                 norm_bias_lr_mult: float = 1.0) -> list[dict]:
     """Trainable parameters only; no weight decay on BN/bias (1-d) parameters.
 
-    ``head_lr_mult`` scales the classifier's lr (the module named by ``model.classifier_name``).
+    ``head_lr_mult`` scales the classifier's lr (the module named by ``model.classifier_name``),
+    ``norm_bias_lr_mult`` the lr of normalisation layers' shifts (BatchNorm/GroupNorm/LayerNorm
+    biases; not their scales, not conv/linear biases). Each group keeps its ``lr_mult``, so
+    ``base_lr`` can read the schedule's lr back.
     """
     head_prefix = getattr(model, "classifier_name", None)
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    norm_biases = {id(m.bias) for m in model.modules()
+                   if isinstance(m, NORM_LAYERS) and getattr(m, "bias", None) is not None}
+    groups: dict[tuple[bool, bool, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         is_head = bool(head_prefix) and (name == head_prefix or name.startswith(head_prefix + "."))
-        groups.setdefault((p.ndim > 1, is_head and head_lr_mult != 1.0), []).append(p)
+        is_norm_bias = norm_bias_lr_mult != 1.0 and id(p) in norm_biases
+        key = (p.ndim > 1, is_head and head_lr_mult != 1.0, is_norm_bias)
+        groups.setdefault(key, []).append(p)
     return [
         {"params": ps, "weight_decay": weight_decay if decay else 0.0,
-         "lr_mult": head_lr_mult if head else 1.0}
-        for (decay, head), ps in sorted(groups.items())
+         "lr_mult": (head_lr_mult if head else 1.0) * (norm_bias_lr_mult if norm_bias else 1.0)}
+        for (decay, head, norm_bias), ps in sorted(groups.items())
     ]
+
+
+def base_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The scheduled lr before per-group multipliers (what the logs call ``lr``)."""
+    group = optimizer.param_groups[0]
+    return group["lr"] / group.get("lr_mult", 1.0)
 
 
 def build_optimizer(cfg, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
@@ -37,7 +55,8 @@ def build_optimizer(cfg, model: nn.Module, device: torch.device) -> torch.optim.
     name = cfg.name
     if name not in OPTIMIZERS:
         raise CnnBenchError(f"unknown optimizer '{name}': {did_you_mean(name, OPTIMIZERS)}")
-    groups = param_groups(model, cfg.weight_decay, cfg.get("head_lr_mult", 1.0))
+    groups = param_groups(model, cfg.weight_decay, cfg.get("head_lr_mult", 1.0),
+                          cfg.get("norm_bias_lr_mult", 1.0))
     if not groups:
         raise CnnBenchError("the model has no trainable parameters: check finetune settings")
     for g in groups:
