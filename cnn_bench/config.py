@@ -32,7 +32,7 @@ _SCHEMA: dict[str, tuple[tuple[str, ...], tuple | None, float | None]] = {
     "trainer.log_every_n_steps": ((_INT,), None, 1),
     "trainer.ema_decay": ((_FLOAT, _NONE), None, 0),
     "trainer.ema_warmup": ((_BOOL,), None, None),
-    "trainer.tta": ((_STR,), ("none", "flip"), None),
+    "trainer.tta": ((_STR,), ("none", "flip", "flip_translate"), None),
     "dataset.root": ((_STR, _NONE), None, None),
     "dataset.resolution": ((_INT,), None, 8),
     "dataset.val_fraction": ((_FLOAT,), None, 0),

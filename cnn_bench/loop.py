@@ -17,7 +17,7 @@ from cnn_bench.finetune import FreezePlan, set_train_mode
 from cnn_bench.optim import base_lr
 from cnn_bench.runtime import Runtime, rng_state, set_rng_state
 
-TTA_MODES = ("none", "flip")
+TTA_MODES = ("none", "flip", "flip_translate")
 # torch.compile modes; reduce-overhead and max-autotune capture CUDA graphs (on CUDA only)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -157,15 +157,37 @@ def hflip(x: torch.Tensor) -> torch.Tensor:
     return x.flip(3)
 
 
+def translate(x: torch.Tensor, shift: int) -> torch.Tensor:
+    """Shift a [B,C,H,W] batch by ``shift`` px down and right (up-left if negative), filling the
+    border by reflection; same shape and memory format (a compiled model sees the same strides)."""
+    padded = nn.functional.pad(x, (abs(shift),) * 4, mode="reflect")
+    h, w = x.shape[2:]
+    top = abs(shift) - shift
+    out = padded[:, :, top:top + h, top:top + w]
+    fmt = (torch.channels_last if x.is_contiguous(memory_format=torch.channels_last)
+           and not x.is_contiguous() else torch.contiguous_format)
+    return out.contiguous(memory_format=fmt)
+
+
+def _mirror_mean(model: nn.Module | StepModel, x: torch.Tensor) -> torch.Tensor:
+    return (model(x).float() + model(hflip(x)).float()) / 2
+
+
 def eval_logits(model: nn.Module | StepModel, x: torch.Tensor, tta: str = "none") -> torch.Tensor:
-    """The logits evaluation scores: ``model(x)``, or with ``tta="flip"`` the mean of the logits
-    of ``x`` and of its horizontal flip (summed in fp32: under autocast the logits are bf16)."""
-    logits = model(x)
+    """The logits evaluation scores (averages in fp32: under autocast the logits are bf16).
+
+    ``none``: ``model(x)``. ``flip``: the mean over ``x`` and its mirror image.
+    ``flip_translate`` (airbench's multi-crop TTA, 6 passes): half the ``flip`` logits of ``x``,
+    half their mean over ``x`` shifted 1 px down-right and 1 px up-left.
+    """
+    if tta == "none":
+        return model(x)
     if tta == "flip":
-        logits = (logits.float() + model(hflip(x)).float()) / 2
-    elif tta != "none":
-        raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}; got {tta!r}")
-    return logits
+        return _mirror_mean(model, x)
+    if tta == "flip_translate":
+        shifted = (_mirror_mean(model, translate(x, 1)) + _mirror_mean(model, translate(x, -1))) / 2
+        return (_mirror_mean(model, x) + shifted) / 2
+    raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}; got {tta!r}")
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""EMA of the weights (``trainer.ema_decay``) and flip test-time augmentation (``trainer.tta``).
+"""EMA of the weights (``trainer.ema_decay``) and test-time augmentation (``trainer.tta``).
 
 Unit tests check the arithmetic on hand-built models (the EMA against its closed form after
 each step, flip TTA against the two passes it averages); trainer tests on the tiny generated
@@ -20,7 +20,7 @@ from cnn_bench.config import validate
 from cnn_bench.ema import ModelEma
 from cnn_bench.errors import CnnBenchError
 from cnn_bench.export import export
-from cnn_bench.loop import StepModel, eval_logits, evaluate
+from cnn_bench.loop import StepModel, eval_logits, evaluate, translate
 from cnn_bench.runtime import Runtime
 from conftest import compose_config, interrupt_after_first_epoch, tiny_overrides
 
@@ -110,13 +110,14 @@ def test_ema_skips_frozen_parameters_and_never_syncs(monkeypatch):
 
 
 def test_bad_ema_and_tta_settings_are_one_line_errors():
-    with pytest.raises(CnnBenchError, match=r"trainer.tta must be one of none, flip; got 'flop'"):
+    with pytest.raises(CnnBenchError, match=r"trainer.tta must be one of none, flip, flip_translate; got 'flop'"):
         validate(compose_config(["trainer.tta=flop"]))
     with pytest.raises(CnnBenchError, match=r"trainer.ema_decay must be in \[0, 1\)"):
         validate(compose_config(["trainer.ema_decay=1.0"]))
     with pytest.raises(CnnBenchError, match=r"trainer.ema_decay must be >= 0"):
         validate(compose_config(["trainer.ema_decay=-0.1"]))
     validate(compose_config(["trainer.ema_decay=0.99", "trainer.tta=flip"]))
+    validate(compose_config(["trainer.tta=flip_translate"]))
 
 
 # --- flip TTA ------------------------------------------------------------------------------
@@ -165,6 +166,44 @@ def test_evaluate_with_flip_tta_scores_the_averaged_logits():
     assert torch.equal(flip["confusion"].diag(), torch.bincount(y, minlength=3))
 
 
+def test_translate_shifts_by_one_pixel_with_reflected_borders():
+    x = torch.arange(2 * 3 * 5 * 6, dtype=torch.float32).view(2, 3, 5, 6)
+    down, up = translate(x, 1), translate(x, -1)
+    assert down.shape == up.shape == x.shape
+    assert torch.equal(down[..., 1:, 1:], x[..., :-1, :-1])  # content moved down and right
+    assert torch.equal(up[..., :-1, :-1], x[..., 1:, 1:])
+    assert torch.equal(down[..., 0, 1:], x[..., 1, :-1])  # the new top row reflects row 1
+    assert torch.equal(up[..., -1, :-1], x[..., -2, 1:])
+    cl = x.contiguous(memory_format=torch.channels_last)
+    assert translate(cl, 1).is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(translate(cl, 1), down)
+
+
+class Corner(nn.Module):
+    """Logits = the top-left pixel's 3 channels: every shift and mirror sees another pixel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :, 0, 0] * 1.0
+
+
+def test_flip_translate_tta_averages_the_six_passes():
+    model = Corner()
+    x = torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+
+    def mirror(z):
+        return (model(z) + model(z.flip(3))) / 2
+
+    shifted = (mirror(translate(x, 1)) + mirror(translate(x, -1))) / 2
+    want = (mirror(x) + shifted) / 2
+    torch.testing.assert_close(eval_logits(model, x, "flip_translate"), want)
+    # The six passes see six different pixels: (0,0), (0,5), (1,1)->(0,0) reflected, ...
+    torch.testing.assert_close(want, (x[..., 0, 0] + x[..., 0, 5]) / 4
+                               + (x[..., 1, 1] + x[..., 1, 4] + x[..., 1, 1] + x[..., 1, 4]) / 8)
+    assert not torch.allclose(want, eval_logits(model, x, "flip"))
+    with pytest.raises(ValueError, match="flip_translate"):
+        eval_logits(model, x, "flop")
+
+
 # --- through the trainer -------------------------------------------------------------------
 
 def _train(tiny_folder, out, *extra: str) -> dict:
@@ -209,9 +248,12 @@ def test_run_with_ema_and_flip_is_reproduced_by_evaluate_and_export(tiny_folder,
     assert res["loss"] == pytest.approx(s["final_val_loss"], rel=1e-5)
     raw = _evaluate(out, "use_ema=false")
     no_tta = _evaluate(out, "tta=none")
+    crops = _evaluate(out, "tta=flip_translate")
     assert raw["weights"] == "raw" and no_tta["tta"] == "none"
+    assert crops["tta"] == "flip_translate"
     assert raw["loss"] != pytest.approx(res["loss"], rel=1e-5)
     assert no_tta["loss"] != pytest.approx(res["loss"], rel=1e-5)
+    assert crops["loss"] != res["loss"]  # six passes, not two (a near-uniform tiny model)
 
     ema_pt = export(out / "checkpoints/last.pt", "pt", tmp_path / "ema.pt")
     raw_pt = export(out / "checkpoints/last.pt", "pt", tmp_path / "raw.pt", use_ema=False)

@@ -54,7 +54,7 @@ class SpeedNet(nn.Module):
     ``whiten=True``: the stem is a 2x2 conv (24 filters, no padding) + GELU whose weights are
     frozen and set by ``init_from_data`` to whiten the data's 2x2 patches; its bias trains.
     ``dirac=True``: the blocks' 3x3 convs start as identities on their first input-many output
-    channels. ``bn_scale=False``: the blocks' BatchNorm scales are frozen at 1 (only shifts train).
+    channels. ``bn_scale=False``: every BatchNorm scale is frozen at 1 (only the shifts train).
     """
 
     def __init__(self, widths: Sequence[int] = (64, 256, 256), stem_width: int = 24,
@@ -87,6 +87,10 @@ class SpeedNet(nn.Module):
                 nn.GELU(),
                 *pool,
             )
+        if not bn_scale:
+            for m in self.stem.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.weight.requires_grad_(False)
         # NOTE: dirac and bn_scale=False are airbench's (its ablations: 94% in 18 instead of 21
         # epochs with dirac); off by default so the network trains like any other zoo model.
         # Identity-initialised filters let a 7-conv net start close to its inputs, and with the
