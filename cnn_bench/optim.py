@@ -45,9 +45,12 @@ def param_groups(model: nn.Module, weight_decay: float, head_lr_mult: float = 1.
 
 
 def base_lr(optimizer: torch.optim.Optimizer) -> float:
-    """The scheduled lr before per-group multipliers (what the logs call ``lr``)."""
-    group = optimizer.param_groups[0]
-    return group["lr"] / group.get("lr_mult", 1.0)
+    """The scheduled lr before per-group multipliers (what the logs call ``lr``); 0 when every
+    group's multiplier is 0."""
+    for group in optimizer.param_groups:
+        if group.get("lr_mult", 1.0):
+            return group["lr"] / group.get("lr_mult", 1.0)
+    return 0.0
 
 
 def build_optimizer(cfg, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:

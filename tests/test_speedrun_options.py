@@ -65,6 +65,19 @@ def test_norm_bias_lr_mult_scales_only_normalisation_shifts():
     sched.step()
     assert base_lr(opt) == pytest.approx(0.1 * (0.2 + 0.8 * 1 / 2))
     assert _lr_of(opt)[id(model.stages[0].bn1.bias)] == pytest.approx(64 * base_lr(opt))
+    # A first group with multiplier 0 (the head's bias at head_lr_mult=0) does not hide it.
+    opt = build_optimizer(_sgd_cfg(head_lr_mult=0.0), _BodyAndHead(), torch.device("cpu"))
+    assert opt.param_groups[0]["lr"] == 0.0
+    assert base_lr(opt) == pytest.approx(0.1)
+
+
+class _BodyAndHead(nn.Module):
+    classifier_name = "fc"
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(4, 4, bias=False)
+        self.fc = nn.Linear(4, 2)
 
 
 def test_frozen_bn_scales_stay_one_while_the_shifts_train():
