@@ -175,6 +175,26 @@ def test_flip_and_pad_crop():
     assert len(shifts) > 1  # offsets are drawn per sample
 
 
+def test_reflect_pad_crop_is_a_window_of_the_mirrored_image():
+    x = _u8(b=6)
+    norm = BatchAugment.normalize_only(MEAN, STD)
+    p = 3
+    aug = BatchAugment(MEAN, STD, resolution=16, crop_padding=p, padding_mode="reflect")
+    out = aug(x, torch.Generator().manual_seed(2))
+    padded = torch.nn.functional.pad(norm(x), (p, p, p, p), mode="reflect")
+    shifts = set()
+    for i in range(len(x)):
+        hits = [(dy, dx) for dy in range(2 * p + 1) for dx in range(2 * p + 1)
+                if torch.equal(out[i], padded[i, :, dy:dy + 16, dx:dx + 16])]
+        assert hits, f"sample {i} is not a crop of the reflect-padded image"
+        shifts.add(hits[0])
+    assert len(shifts) > 1 and any(0 in s or 2 * p in s for s in shifts)  # edges reached too
+    with pytest.raises(CnnBenchError, match="padding_mode must be one of constant, reflect"):
+        BatchAugment.from_config({"crop_padding": 2, "padding_mode": "mirror"}, MEAN, STD, 16)
+    with pytest.raises(CnnBenchError, match="crop_padding < the resolution"):
+        BatchAugment(MEAN, STD, resolution=16, crop_padding=16, padding_mode="reflect")
+
+
 def test_jitter_and_affine_are_per_sample():
     same = _u8(b=1).expand(8, -1, -1, -1).contiguous()
     for opts in ({"brightness": 0.4, "contrast": 0.4, "saturation": 0.4},

@@ -19,6 +19,7 @@ from cnn_bench.errors import CnnBenchError, did_you_mean
 
 # Keys of conf/augmentation/*.yaml that are not augmentation ops (the trainer reads them).
 _NOT_OPS = ("name", "label_smoothing")
+PADDING_MODES = ("constant", "reflect")
 
 
 def _padding_px(crop_padding: float, resolution: int | None) -> int:
@@ -32,14 +33,22 @@ def _padding_px(crop_padding: float, resolution: int | None) -> int:
     return int(round(crop_padding))
 
 
+def _reflect(idx: torch.Tensor, size: int) -> torch.Tensor:
+    """Indices outside [0, size) mirrored back in without repeating the edge (numpy "reflect")."""
+    idx = idx.abs()
+    return torch.where(idx > size - 1, 2 * (size - 1) - idx, idx)
+
+
 class BatchAugment:
     """``aug(x_uint8 [B,3,R,R], generator) -> float32 [B,3,R,R]`` augmented and normalised.
 
     Args:
         mean, std: per-channel statistics in [0, 1] units.
         resolution: image side in px (needed when ``crop_padding`` is a fraction).
-        crop_padding: zero-pad by this many px (or this fraction of ``resolution`` if < 1), then
+        crop_padding: pad by this many px (or this fraction of ``resolution`` if < 1), then
             crop a random R x R window - the classic CIFAR "pad 4, random crop 32".
+        padding_mode: ``constant`` (a zero border, torchvision RandomCrop's default) or
+            ``reflect`` (mirrored pixels, no edge; airbench's translate).
         hflip: probability of a horizontal flip.
         brightness, contrast, saturation: each sample gets a factor uniform in
             [max(0, 1 - v), 1 + v], applied like torchvision's ColorJitter (fixed order).
@@ -49,7 +58,8 @@ class BatchAugment:
     """
 
     def __init__(self, mean: Sequence[float], std: Sequence[float], *,
-                 resolution: int | None = None, crop_padding: float = 0, hflip: float = 0.0,
+                 resolution: int | None = None, crop_padding: float = 0,
+                 padding_mode: str = "constant", hflip: float = 0.0,
                  brightness: float = 0.0, contrast: float = 0.0, saturation: float = 0.0,
                  rotation: float = 0.0, translate: float = 0.0,
                  scale: Sequence[float] = (1.0, 1.0)):
@@ -58,6 +68,13 @@ class BatchAugment:
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         self.padding = _padding_px(float(crop_padding), resolution)
+        if padding_mode not in PADDING_MODES:
+            raise CnnBenchError(f"augmentation.padding_mode must be one of "
+                                f"{', '.join(PADDING_MODES)}, got {padding_mode!r}")
+        if padding_mode == "reflect" and resolution is not None and self.padding >= resolution:
+            raise CnnBenchError(f"augmentation.padding_mode=reflect needs crop_padding < the "
+                                f"resolution ({resolution} px), got {self.padding} px")
+        self.padding_mode = padding_mode
         self.hflip = float(hflip)
         self.brightness, self.contrast, self.saturation = (
             float(brightness), float(contrast), float(saturation))
@@ -71,7 +88,7 @@ class BatchAugment:
     def from_config(cls, cfg: Mapping | None, mean, std, resolution: int) -> BatchAugment:
         """Build from an ``augmentation`` config; unknown keys raise with close matches."""
         opts = {k: v for k, v in dict(cfg or {}).items() if k not in _NOT_OPS}
-        valid = ("crop_padding", "hflip", "brightness", "contrast", "saturation",
+        valid = ("crop_padding", "padding_mode", "hflip", "brightness", "contrast", "saturation",
                  "rotation", "translate", "scale")
         for key in opts:
             if key not in valid:
@@ -96,7 +113,9 @@ class BatchAugment:
 
     def __repr__(self) -> str:
         ops = [f"{k}={v}" for k, v in (
-            ("crop_padding", self.padding), ("hflip", self.hflip), ("brightness", self.brightness),
+            ("crop_padding", self.padding),
+            ("padding_mode", self.padding_mode if self.padding_mode != "constant" else 0),
+            ("hflip", self.hflip), ("brightness", self.brightness),
             ("contrast", self.contrast), ("saturation", self.saturation),
             ("rotation", self.rotation), ("translate", self.translate)) if v]
         if self.scale != (1.0, 1.0):
@@ -140,7 +159,11 @@ class BatchAugment:
         if self.hflip:
             flip = torch.rand(b, 1, generator=g, device=dev) < self.hflip
             cols = torch.where(flip, (w - 1) - cols, cols)
-        if p:
+        if p and self.padding_mode == "reflect":
+            # Index arithmetic instead of a padded copy: -1 -> 1, h -> h - 2 (needs p < h).
+            offsets = torch.randint(-p, p + 1, (2, b, 1), generator=g, device=dev)
+            rows, cols = _reflect(rows + offsets[0], h), _reflect(cols + offsets[1], w)
+        elif p:
             x = F.pad(x, (p, p, p, p))  # zero (black) border, as torchvision RandomCrop(padding=p)
             offsets = torch.randint(0, 2 * p + 1, (2, b, 1), generator=g, device=dev)
             rows, cols = rows + offsets[0], cols + offsets[1]
