@@ -100,6 +100,39 @@ def test_memory_and_stream_give_identical_batches(folder, tmp_path):
     assert_same(batches(mem.train, 3), batches(stream.train, 3))
 
 
+def _flipped(loader, epoch: int) -> dict[int, bool]:
+    """Which training samples (by index) an epoch flipped, found by matching every output image
+    against the sample and its mirror image (crop_padding 0: nothing else changes them)."""
+    norm = BatchAugment.normalize_only(MEAN, STD)
+    plain, mirror = norm(loader.images), norm(loader.images.flip(3))
+    seen = {}
+    for x, _ in batches(loader, epoch):
+        for img in x:
+            i = int((plain - img).abs().flatten(1).amax(1).argmin())
+            j = int((mirror - img).abs().flatten(1).amax(1).argmin())
+            is_plain = torch.equal(plain[i], img)
+            assert is_plain or torch.equal(mirror[j], img)
+            seen[i if is_plain else j] = not is_plain
+    return seen
+
+
+def test_alternating_flip_flips_each_image_every_other_epoch(folder, tmp_path):
+    aug = OmegaConf.create({"name": "basic", "crop_padding": 0, "hflip": 0.5,
+                            "hflip_alternate": True})
+    mem = build(cfg(folder, in_memory=True, cache_dir=str(tmp_path / "c1")), aug, batch_size=4)
+    first = _flipped(mem.train, 0)
+    assert len(first) == mem.train.num_samples  # 24 samples, 6 full batches
+    assert 0 < sum(first.values()) < len(first)  # a random part of them, not all or none
+    assert _flipped(mem.train, 1) == {i: not f for i, f in first.items()}
+    assert _flipped(mem.train, 2) == first
+    # The streaming path applies the same decisions to the same batches.
+    stream = build(cfg(folder, in_memory=False, cache_dir=str(tmp_path / "c2")), aug,
+                   batch_size=4)
+    assert_same(batches(mem.train, 3), batches(stream.train, 3))
+    with pytest.raises(CnnBenchError, match="hflip_alternate .* needs hflip=0.5, got 1.0"):
+        BatchAugment(MEAN, STD, hflip=1.0, hflip_alternate=True)
+
+
 def test_stream_with_worker_processes(folder, tmp_path):
     mem = build(cfg(folder, in_memory=True, cache_dir=str(tmp_path / "c1")))
     stream = build(cfg(folder, in_memory=False, num_workers=2, cache_dir=str(tmp_path / "c2")),

@@ -50,6 +50,9 @@ class BatchAugment:
         padding_mode: ``constant`` (a zero border, torchvision RandomCrop's default) or
             ``reflect`` (mirrored pixels, no edge; airbench's translate).
         hflip: probability of a horizontal flip.
+        hflip_alternate: instead of a fresh coin per epoch, each image is flipped in every other
+            epoch (airbench's alternating flip: a fixed random half in even epochs, the other
+            half in odd ones); the loader passes the decisions in. Needs ``hflip=0.5``.
         brightness, contrast, saturation: each sample gets a factor uniform in
             [max(0, 1 - v), 1 + v], applied like torchvision's ColorJitter (fixed order).
         rotation: max |angle| in degrees.
@@ -60,6 +63,7 @@ class BatchAugment:
     def __init__(self, mean: Sequence[float], std: Sequence[float], *,
                  resolution: int | None = None, crop_padding: float = 0,
                  padding_mode: str = "constant", hflip: float = 0.0,
+                 hflip_alternate: bool = False,
                  brightness: float = 0.0, contrast: float = 0.0, saturation: float = 0.0,
                  rotation: float = 0.0, translate: float = 0.0,
                  scale: Sequence[float] = (1.0, 1.0)):
@@ -76,6 +80,10 @@ class BatchAugment:
                                 f"resolution ({resolution} px), got {self.padding} px")
         self.padding_mode = padding_mode
         self.hflip = float(hflip)
+        self.hflip_alternate = bool(hflip_alternate)
+        if self.hflip_alternate and self.hflip != 0.5:
+            raise CnnBenchError("augmentation.hflip_alternate flips each image every other epoch: "
+                                f"it needs hflip=0.5, got {self.hflip}")
         self.brightness, self.contrast, self.saturation = (
             float(brightness), float(contrast), float(saturation))
         self.rotation, self.translate = float(rotation), float(translate)
@@ -88,7 +96,8 @@ class BatchAugment:
     def from_config(cls, cfg: Mapping | None, mean, std, resolution: int) -> BatchAugment:
         """Build from an ``augmentation`` config; unknown keys raise with close matches."""
         opts = {k: v for k, v in dict(cfg or {}).items() if k not in _NOT_OPS}
-        valid = ("crop_padding", "padding_mode", "hflip", "brightness", "contrast", "saturation",
+        valid = ("crop_padding", "padding_mode", "hflip", "hflip_alternate", "brightness",
+                 "contrast", "saturation",
                  "rotation", "translate", "scale")
         for key in opts:
             if key not in valid:
@@ -115,7 +124,7 @@ class BatchAugment:
         ops = [f"{k}={v}" for k, v in (
             ("crop_padding", self.padding),
             ("padding_mode", self.padding_mode if self.padding_mode != "constant" else 0),
-            ("hflip", self.hflip), ("brightness", self.brightness),
+            ("hflip", self.hflip), ("hflip_alternate", self.hflip_alternate), ("brightness", self.brightness),
             ("contrast", self.contrast), ("saturation", self.saturation),
             ("rotation", self.rotation), ("translate", self.translate)) if v]
         if self.scale != (1.0, 1.0):
@@ -131,12 +140,15 @@ class BatchAugment:
                 t.to(device) for t in (1.0 / (255.0 * std), 1.0 / std, -mean / std))
         return self._constants[device]
 
-    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None,
+                 flip: torch.Tensor | None = None) -> torch.Tensor:
+        """``flip``: bool [B], the flip decisions to use instead of drawing them (how the loader
+        applies ``hflip_alternate``)."""
         if x.dtype != torch.uint8 or x.dim() != 4:
             raise TypeError(f"BatchAugment expects uint8 [B,3,H,W], got {x.dtype} {tuple(x.shape)}")
         g = generator
         if self.padding or self.hflip:
-            x = self._crop_flip(x, g)
+            x = self._crop_flip(x, g, flip)
         per_255, per_unit, bias = self._norm(x.device)
         if not (self._color or self._affine):
             return torch.addcmul(bias, x.float(), per_255)
@@ -150,15 +162,16 @@ class BatchAugment:
     def _uniform(self, n: int, lo: float, hi: float, g, device) -> torch.Tensor:
         return lo + (hi - lo) * torch.rand(n, generator=g, device=device)
 
-    def _crop_flip(self, x: torch.Tensor, g) -> torch.Tensor:
+    def _crop_flip(self, x: torch.Tensor, g, flip: torch.Tensor | None = None) -> torch.Tensor:
         """Random pad-crop and horizontal flip as a single gather on the uint8 batch."""
         b, _, h, w = x.shape
         dev, p = x.device, self.padding
         rows = torch.arange(h, device=dev).expand(b, h)
         cols = torch.arange(w, device=dev).expand(b, w)
         if self.hflip:
-            flip = torch.rand(b, 1, generator=g, device=dev) < self.hflip
-            cols = torch.where(flip, (w - 1) - cols, cols)
+            if flip is None:
+                flip = torch.rand(b, generator=g, device=dev) < self.hflip
+            cols = torch.where(flip.view(b, 1), (w - 1) - cols, cols)
         if p and self.padding_mode == "reflect":
             # Index arithmetic instead of a padded copy: -1 -> 1, h -> h - 2 (needs p < h).
             offsets = torch.randint(-p, p + 1, (2, b, 1), generator=g, device=dev)

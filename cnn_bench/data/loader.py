@@ -17,7 +17,7 @@ import torch
 
 from cnn_bench.data.augment import BatchAugment
 
-_ORDER_STREAM, _AUGMENT_STREAM = 0, 1
+_ORDER_STREAM, _AUGMENT_STREAM, _FLIP_STREAM = 0, 1, 2
 
 
 @runtime_checkable
@@ -92,6 +92,7 @@ class EpochLoader:
         self.device = torch.device(device)
         self.seed = int(seed)
         self.channels_last = channels_last
+        self._flip_half: torch.Tensor | None = None
 
     @property
     def epoch(self) -> int:
@@ -110,9 +111,29 @@ class EpochLoader:
         g.manual_seed(derive_seed(self.seed, self.epoch, _AUGMENT_STREAM))
         return g
 
-    def finish(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """uint8 batch on the device -> augmented, normalised float32 in the requested layout."""
-        x = self.augment(x, gen)
+    def epoch_flips(self) -> torch.Tensor | None:
+        """With ``augment.hflip_alternate``: bool [num_samples] on the device, which samples
+        this epoch flips - a fixed random half (seeded by ``seed`` alone) in even epochs, the
+        other half in odd ones. ``None`` otherwise (the augmentation draws its own flips)."""
+        if not self.augment.hflip_alternate:
+            return None
+        if self._flip_half is None:
+            g = torch.Generator().manual_seed(derive_seed(self.seed, 0, _FLIP_STREAM))
+            half = torch.rand(self.num_samples, generator=g) < 0.5
+            self._flip_half = half.to(self.device)
+        return self._flip_half ^ bool(self.epoch % 2)
+
+    def batch_ids(self, order: torch.Tensor | None, b: int) -> torch.Tensor | slice:
+        """The samples of batch ``b``: a slice of ``order`` (the device copy), or of the natural
+        order when ``order`` is ``None``."""
+        part = slice(b * self.batch_size, (b + 1) * self.batch_size)
+        return part if order is None else order[part]
+
+    def finish(self, x: torch.Tensor, gen: torch.Generator,
+               flip: torch.Tensor | None = None) -> torch.Tensor:
+        """uint8 batch on the device -> augmented, normalised float32 in the requested layout;
+        ``flip``: this batch's flip decisions (see :meth:`epoch_flips`)."""
+        x = self.augment(x, gen, flip)
         if self.channels_last:
             return x.contiguous(memory_format=torch.channels_last)
         return x.contiguous()

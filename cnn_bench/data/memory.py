@@ -111,17 +111,16 @@ class MemoryLoader(EpochLoader):
 
     def __iter__(self):
         gen = self.augment_generator()
+        flips = self.epoch_flips()
         order = self.schedule.order()
         if order is not None:
             if self.device.type == "cuda":
                 order = order.pin_memory()
             order = order.to(self.device, non_blocking=True)
-        bs = self.batch_size
         for b in range(len(self)):
-            part = slice(b * bs, (b + 1) * bs)
+            ids = self.batch_ids(order, b)
             if order is None:
-                x, y = self.images[part], self.labels[part]
+                x, y = self.images[ids], self.labels[ids]
             else:
-                idx = order[part]
-                x, y = self.images.index_select(0, idx), self.labels.index_select(0, idx)
-            yield self.finish(x, gen), y
+                x, y = self.images.index_select(0, ids), self.labels.index_select(0, ids)
+            yield self.finish(x, gen, None if flips is None else flips[ids]), y

@@ -8,6 +8,7 @@ unreadable image; if one still fails (changed during the run), the run ends with
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 from torch.utils.data import DataLoader, Dataset
@@ -102,8 +103,13 @@ class StreamLoader(EpochLoader):
 
     def __iter__(self):
         gen = self.augment_generator()
+        flips = self.epoch_flips()
+        # The schedule is the DataLoader's batch sampler: batch b holds the same samples here.
+        order = self.schedule.order() if flips is not None else None
+        if order is not None:
+            order = order.to(self.device)
         batches = iter(self.loader)
-        while True:
+        for b in itertools.count():
             try:
                 x, y = next(batches)
             except StopIteration:
@@ -113,7 +119,8 @@ class StreamLoader(EpochLoader):
                 raise CnnBenchError(_one_line(exc)) from None
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
-            yield self.finish(x, gen), y
+            flip = None if flips is None else flips[self.batch_ids(order, b)]
+            yield self.finish(x, gen, flip), y
 
     def _stop_workers(self) -> None:
         """Shut the workers down now: left to the garbage collector (the traceback keeps this
