@@ -33,11 +33,13 @@ EXPECTED = {
                          "optimizer.name": "sgd", "optimizer.nesterov": True,
                          "augmentation.label_smoothing": 0.1, "trainer.batch_size": 512,
                          "trainer.tta": "flip"},
-    "cifar10_speedrun": {"model.name": "speednet", "model.whiten": True, "dataset.name": "cifar10",
+    "cifar10_speedrun": {"model.name": "speednet", "model.whiten": True, "model.dirac": True,
+                         "model.bn_scale": False, "dataset.name": "cifar10",
                          "dataset.resolution": 32, "augmentation.label_smoothing": 0.2,
-                         "augmentation.crop_padding": 2,
+                         "augmentation.crop_padding": 2, "optimizer.lr": 1.5,
+                         "optimizer.momentum": 0.85, "optimizer.norm_bias_lr_mult": 64.0,
                          "trainer.batch_size": 1024, "trainer.compile": True,
-                         "trainer.ema_decay": 0.98, "trainer.tta": "flip"},
+                         "trainer.ema_decay": 0.98, "trainer.tta": "flip_translate"},
 }
 
 
