@@ -97,8 +97,7 @@ class BatchAugment:
         """Build from an ``augmentation`` config; unknown keys raise with close matches."""
         opts = {k: v for k, v in dict(cfg or {}).items() if k not in _NOT_OPS}
         valid = ("crop_padding", "padding_mode", "hflip", "hflip_alternate", "brightness",
-                 "contrast", "saturation",
-                 "rotation", "translate", "scale")
+                 "contrast", "saturation", "rotation", "translate", "scale")
         for key in opts:
             if key not in valid:
                 raise CnnBenchError(
@@ -124,8 +123,9 @@ class BatchAugment:
         ops = [f"{k}={v}" for k, v in (
             ("crop_padding", self.padding),
             ("padding_mode", self.padding_mode if self.padding_mode != "constant" else 0),
-            ("hflip", self.hflip), ("hflip_alternate", self.hflip_alternate), ("brightness", self.brightness),
-            ("contrast", self.contrast), ("saturation", self.saturation),
+            ("hflip", self.hflip), ("hflip_alternate", self.hflip_alternate),
+            ("brightness", self.brightness), ("contrast", self.contrast),
+            ("saturation", self.saturation),
             ("rotation", self.rotation), ("translate", self.translate)) if v]
         if self.scale != (1.0, 1.0):
             ops.append(f"scale={self.scale}")

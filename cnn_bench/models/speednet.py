@@ -20,7 +20,7 @@ from cnn_bench.models.registry import register_model
 class SpeedBlock(nn.Module):
     """conv3x3 -> max-pool 2 -> BN -> GELU -> conv3x3 -> BN -> GELU (halves the resolution)."""
 
-    def __init__(self, cin: int, cout: int, dirac: bool = False, bn_scale: bool = True):
+    def __init__(self, cin: int, cout: int, dirac: bool = False):
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
         self.pool = nn.MaxPool2d(2)
@@ -33,9 +33,6 @@ class SpeedBlock(nn.Module):
                 for conv in (self.conv1, self.conv2):
                     # Identity on the first min(cin, cout) outputs: an implicit residual path.
                     nn.init.dirac_(conv.weight[: min(conv.in_channels, conv.out_channels)])
-        if not bn_scale:
-            for bn in (self.bn1, self.bn2):
-                bn.weight.requires_grad_(False)  # stays 1: the conv before it sets the scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act(self.bn1(self.pool(self.conv1(x))))
@@ -87,17 +84,17 @@ class SpeedNet(nn.Module):
                 nn.GELU(),
                 *pool,
             )
-        if not bn_scale:
-            for m in self.stem.modules():
-                if isinstance(m, nn.BatchNorm2d):
-                    m.weight.requires_grad_(False)
         # NOTE: dirac and bn_scale=False are airbench's (its ablations: 94% in 18 instead of 21
         # epochs with dirac); off by default so the network trains like any other zoo model.
         # Identity-initialised filters let a 7-conv net start close to its inputs, and with the
         # scales frozen the BN shifts can take a much larger lr (optimizer.norm_bias_lr_mult).
         chans = [stem_width, *widths]
-        self.stages = nn.Sequential(*(SpeedBlock(a, b, dirac, bn_scale)
+        self.stages = nn.Sequential(*(SpeedBlock(a, b, dirac)
                                       for a, b in zip(chans[:-1], chans[1:])))
+        if not bn_scale:
+            for m in self.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.weight.requires_grad_(False)  # stays 1: the conv before it sets the scale
         self.pool = nn.AdaptiveMaxPool2d(1)
         self.fc = nn.Linear(widths[-1], num_classes, bias=False)
         # airbench scales the logits down: large max-pooled features otherwise saturate softmax.
