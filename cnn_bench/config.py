@@ -32,12 +32,15 @@ _SCHEMA: dict[str, tuple[tuple[str, ...], tuple | None, float | None]] = {
     "trainer.log_every_n_steps": ((_INT,), None, 1),
     "trainer.ema_decay": ((_FLOAT, _NONE), None, 0),
     "trainer.ema_warmup": ((_BOOL,), None, None),
+    "trainer.lookahead_every": ((_INT, _NONE), None, 1),
+    "trainer.lookahead_decay": ((_FLOAT,), None, 0),
     "trainer.tta": ((_STR,), ("none", "flip", "flip_translate"), None),
     "dataset.root": ((_STR, _NONE), None, None),
     "dataset.resolution": ((_INT,), None, 8),
     "dataset.val_fraction": ((_FLOAT,), None, 0),
     "dataset.num_classes": ((_INT, _NONE), None, 1),
     "model.width_mult": ((_FLOAT,), None, 0.01),
+    "model.bn_momentum": ((_FLOAT, _NONE), None, 0),
     "optimizer.lr": ((_FLOAT,), None, 0),
     "optimizer.weight_decay": ((_FLOAT,), None, 0),
     "optimizer.head_lr_mult": ((_FLOAT,), None, 0),
@@ -78,3 +81,6 @@ def validate(cfg: DictConfig) -> None:
     ema_decay = OmegaConf.select(cfg, "trainer.ema_decay", default=None)
     if ema_decay is not None and not ema_decay < 1:  # 1 would never move from the initial weights
         raise CnnBenchError(f"trainer.ema_decay must be in [0, 1) (or null = off), got {ema_decay}")
+    la_decay = OmegaConf.select(cfg, "trainer.lookahead_decay", default=0.0)
+    if not la_decay < 1:  # 1 would freeze the slow weights at the end of the run
+        raise CnnBenchError(f"trainer.lookahead_decay must be in [0, 1), got {la_decay}")

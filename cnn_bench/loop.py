@@ -13,6 +13,7 @@ from torch import nn
 from tqdm import tqdm
 
 from cnn_bench.ema import ModelEma
+from cnn_bench.lookahead import Lookahead
 from cnn_bench.finetune import FreezePlan, set_train_mode
 from cnn_bench.optim import base_lr
 from cnn_bench.runtime import Runtime, rng_state, set_rng_state
@@ -97,11 +98,13 @@ def _bar(total: int, desc: str, enabled: bool):
 def train_one_epoch(step_model: StepModel, loader, criterion, optimizer, scheduler, scaler,
                     rt: Runtime, state: TrainState, *, limit: int | None, log_every: int,
                     grad_clip: float | None, log_steps: Callable, progress: bool,
-                    freeze: FreezePlan | None = None, ema: ModelEma | None = None) -> dict:
+                    freeze: FreezePlan | None = None, ema: ModelEma | None = None,
+                    lookahead: Lookahead | None = None) -> dict:
     """Train for one epoch; return mean loss, accuracy, images and seconds (synced once, at the end).
 
     With ``ema``, the average is updated after every optimizer step (a skipped fp16 step still
-    counts: telling would need a host sync; timm does the same)."""
+    counts: telling would need a host sync; timm does the same); ``lookahead`` syncs first, so
+    the average follows the pulled-back weights."""
     model = step_model.eager
     set_train_mode(model, freeze)
     n_batches = len(loader) if limit is None else min(limit, len(loader))
@@ -125,6 +128,8 @@ def train_one_epoch(step_model: StepModel, loader, criterion, optimizer, schedul
             nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         scaler.step(optimizer)
         scaler.update()
+        if lookahead is not None:
+            lookahead.update(state.global_step)
         if ema is not None:
             ema.update(state.global_step)
         pending_lr.append(base_lr(optimizer))

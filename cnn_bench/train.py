@@ -21,6 +21,7 @@ from cnn_bench.config import validate
 from cnn_bench.data import build_data
 from cnn_bench import early_stopping
 from cnn_bench.ema import ModelEma
+from cnn_bench.lookahead import Lookahead
 from cnn_bench.errors import CnnBenchError
 from cnn_bench.finetune import apply_finetune
 from cnn_bench.loop import (StepModel, TrainState, compile_warmup, evaluate, first_batch,
@@ -82,7 +83,7 @@ def _hparams(cfg: DictConfig, rt) -> dict:
     keys = ["model.name", "model.width_mult", "model.stem", "dataset.name", "dataset.resolution",
             "optimizer.name", "optimizer.lr", "optimizer.weight_decay", "scheduler.name",
             "augmentation.name", "trainer.epochs", "trainer.batch_size", "trainer.seed",
-            "trainer.ema_decay", "trainer.tta"]
+            "trainer.ema_decay", "trainer.lookahead_every", "trainer.tta"]
     hp = {k: OmegaConf.select(cfg, k) for k in keys}
     hp["precision"] = rt.precision
     return {k: v for k, v in hp.items() if v is not None}
@@ -159,6 +160,9 @@ def run(cfg: DictConfig) -> dict:
     # The average starts as a copy of the initial (or loaded, finetune) weights.
     ema = (ModelEma(model, tr.ema_decay, tr.get("ema_warmup", True))
            if tr.get("ema_decay") is not None else None)
+    lookahead = (Lookahead(model, tr.lookahead_every, tr.get("lookahead_decay", 0.77),
+                           steps_per_epoch * tr.epochs)
+                 if tr.get("lookahead_every") is not None else None)
 
     state = TrainState()
     ckpt_dir = out / "checkpoints"
@@ -177,6 +181,11 @@ def run(cfg: DictConfig) -> dict:
                 ema.module.load_state_dict(ck["model"])
                 log.info("trainer.ema_decay: %s has no EMA weights; averaging from its own",
                          resume)
+        if lookahead is not None:
+            if ck.get("lookahead") is not None:
+                lookahead.load_state_dict(ck["lookahead"])
+            else:  # the earlier attempt ran without it: slow weights start from the model's
+                lookahead.reset_to_model()
         state = TrainState(**ck["state"])
         set_rng_state(ck["rng"])
         log.info("resumed from %s at epoch %d", resume, state.epoch)
@@ -204,6 +213,7 @@ def run(cfg: DictConfig) -> dict:
         atomic_save({
             "format": FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             **({"model_ema": ema.state_dict()} if ema is not None else {}),
+            **({"lookahead": lookahead.state_dict()} if lookahead is not None else {}),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
             "state": vars(state).copy(), "rng": rng_state(),
             "config": OmegaConf.to_yaml(cfg, resolve=True), "classes": list(data.classes),
@@ -216,7 +226,8 @@ def run(cfg: DictConfig) -> dict:
         train_m = train_one_epoch(
             step_model, data.train, criterion, optimizer, scheduler, scaler, rt, state,
             limit=tr.limit_train_batches, log_every=tr.log_every_n_steps, grad_clip=tr.grad_clip,
-            log_steps=runlog.steps, progress=tr.progress, freeze=freeze, ema=ema)
+            log_steps=runlog.steps, progress=tr.progress, freeze=freeze, ema=ema,
+            lookahead=lookahead)
         state.epoch += 1
         state.train_time_s += train_m["seconds"]
         state.train_images += train_m["images"]
@@ -279,7 +290,8 @@ def run(cfg: DictConfig) -> dict:
         "peak_mem_mb": _peak_mem_mb(rt.device), "device": str(rt.device),
         "precision": rt.precision, "channels_last": rt.channels_last, "compile": bool(tr.compile),
         "compile_mode": tr.get("compile_mode", "default") if tr.compile else None,
-        "compile_s": state.compile_s, "ema_decay": tr.get("ema_decay"), "tta": tta,
+        "compile_s": state.compile_s, "ema_decay": tr.get("ema_decay"),
+        "lookahead_every": tr.get("lookahead_every"), "tta": tta,
         "in_memory": data.in_memory, "skipped_files": list(data.skipped),
     }
     summary = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)

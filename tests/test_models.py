@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf" / "model"
 HAS_TIMM = importlib.util.find_spec("timm") is not None
 NUM_CLASSES = 10
-META_KEYS = {"source", "name", "pretrained", "weights"}
+META_KEYS = {"source", "name", "pretrained", "weights", "bn_momentum"}
 
 # ours -> torchvision's name, for models whose state dicts must be interchangeable.
 TORCHVISION_TWINS = {
@@ -372,7 +372,7 @@ def test_count_flops_restores_modes_and_counts_macs_twice():
 @pytest.mark.parametrize("name", list_models())
 def test_yaml_lists_every_option(name):
     cfg = _cfg(name)
-    assert cfg["pretrained"] is False and cfg["weights"] is None
+    assert cfg["pretrained"] is False and cfg["weights"] is None and cfg["bn_momentum"] is None
     params = inspect.signature(_MODELS.get(name)).parameters
     if name in PASSTHROUGHS:
         assert cfg["source"] == name and cfg["name"] == params["name"].default

@@ -1,5 +1,6 @@
-"""The speedrun's airbench options: SpeedNet ``dirac=`` and ``bn_scale=``, and the optimizer's
-``norm_bias_lr_mult`` (BN shifts at a multiple of the lr, the logged lr left as scheduled)."""
+"""The speedrun's airbench options: SpeedNet ``dirac=`` and ``bn_scale=``, the optimizer's
+``norm_bias_lr_mult`` (BN shifts at a multiple of the lr, the logged lr left as scheduled) and
+``model.bn_momentum`` (every model's BatchNorm running-stat momentum)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from omegaconf import OmegaConf
 from torch import nn
 
 import cnn_bench.train as train_mod
+from cnn_bench.errors import CnnBenchError
 from cnn_bench.models import get_model
+from cnn_bench.models.build import build_model
 from cnn_bench.optim import base_lr, build_optimizer, build_scheduler
 from conftest import compose_config, tiny_overrides
 
@@ -116,3 +119,31 @@ def test_trainer_logs_the_scheduled_lr_not_the_multiplied_one(tiny_folder, tmp_p
     ck = torch.load(out / "checkpoints/last.pt", weights_only=True)
     bn_scales = [v for k, v in ck["model"].items() if k.endswith("bn1.weight")]
     assert bn_scales and all(torch.equal(v, torch.ones_like(v)) for v in bn_scales)
+
+
+@pytest.mark.parametrize("model", ["speednet_s", "resnet18", "mobilenet_v2", "regnet_bifpn"])
+def test_bn_momentum_sets_every_batchnorm_and_changes_only_running_stats(model):
+    cfg = OmegaConf.to_container(compose_config([f"model={model}"]).model)
+    torch.manual_seed(0)
+    plain = build_model(cfg, 10, 32)
+    torch.manual_seed(0)
+    fast = build_model({**cfg, "bn_momentum": 0.4}, 10, 32)
+    bns = [m for m in fast.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert bns and all(m.momentum == 0.4 for m in bns)
+    assert all(m.momentum == 0.1 for m in plain.modules() if isinstance(m, nn.BatchNorm2d))
+    x = torch.randn(4, 3, 32, 32)
+    outs = []
+    for m in (plain, fast):
+        torch.manual_seed(1)  # the same dropout masks
+        outs.append(m.train()(x))
+    torch.testing.assert_close(outs[1], outs[0])  # the forward pass is the same
+    bn_p, bn_f = next(m for m in plain.modules() if isinstance(m, nn.BatchNorm2d)), bns[0]
+    # running mean starts at 0: one batch moves it by 0.4 instead of 0.1 of the batch mean
+    torch.testing.assert_close(bn_f.running_mean, 4 * bn_p.running_mean)
+
+
+def test_bn_momentum_override_and_bad_values(tiny_folder, tmp_path):
+    cfg = compose_config(tiny_overrides(tiny_folder, tmp_path, "model.bn_momentum=0.4"))
+    assert cfg.model.bn_momentum == 0.4
+    with pytest.raises(CnnBenchError, match="bn_momentum"):
+        build_model({**OmegaConf.to_container(cfg.model), "bn_momentum": 0.0}, 10, 16)

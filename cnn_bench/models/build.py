@@ -15,7 +15,7 @@ from cnn_bench.models.weights import load_weights_file
 
 SOURCES = ("zoo", *PASSTHROUGHS)
 # Config keys that are not builder options: consumed here, never passed to a builder.
-_META_KEYS = ("name", "source", "pretrained", "pretrained_tag", "weights")
+_META_KEYS = ("name", "source", "pretrained", "pretrained_tag", "weights", "bn_momentum")
 # Inputs up to this size (px) get the CIFAR stem under ``stem: auto``.
 CIFAR_STEM_MAX_RESOLUTION = 64
 
@@ -92,4 +92,18 @@ def build_model(model_cfg: Mapping, num_classes: int, resolution: int) -> nn.Mod
         load_pretrained(model, spec)
     elif cfg.get("weights") is not None:
         load_weights_file(model, cfg["weights"])
+    if cfg.get("bn_momentum") is not None:
+        set_bn_momentum(model, cfg["bn_momentum"])
     return model
+
+
+def set_bn_momentum(model: nn.Module, momentum: float) -> int:
+    """Set every BatchNorm layer's running-stat momentum (``new = (1 - m) * old + m * batch``,
+    like timm's ``--bn-momentum``); return how many layers changed. A high momentum (airbench:
+    0.4) makes the running statistics follow a short, fast-changing run's recent batches."""
+    if not 0.0 < momentum <= 1.0:
+        raise CnnBenchError(f"model.bn_momentum must be in (0, 1] or null, got {momentum}")
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in layers:
+        m.momentum = float(momentum)
+    return len(layers)
