@@ -201,6 +201,23 @@ def test_timm_launcher_fixes_the_device_and_times_epochs(tmp_path):
     assert len(json.loads((out / timm_script.TIMM_TIMES).read_text())["train_epoch_s"]) == 2
 
 
+@pytest.mark.skipif(importlib.util.find_spec("airbench") is None,
+                    reason="needs airbench installed (pip install airbench==0.1.8)")
+def test_airbench_ref_smoke(tmp_path):
+    """airbench94's recipe, 3 steps on CPU, on a generated 32 px folder: one row, three TTA
+    levels, the data written in airbench's format."""
+    from datagen import make_imagefolder
+
+    data = make_imagefolder(tmp_path / "data", per_class=16, size=(32, 32), splits=("train", "test"))
+    out = tmp_path / "airbench.md"
+    _run("airbench_ref.py", "--smoke", "--data", str(data), "--workdir", str(tmp_path / "work"),
+         "--out", str(out))
+    (row,) = _table_rows(out.read_text())
+    assert row[:3] == ["0", "3 steps", "cpu"]
+    assert all(0 <= float(c) <= 1 for c in row[3:6]) and float(row[6]) > 0
+    assert (tmp_path / "work/smoke/cifar10/train.pt").exists()
+
+
 _TIMM_SCRIPT = os.environ.get("TIMM_TRAIN_SCRIPT")
 
 
