@@ -34,13 +34,16 @@ EXPECTED = {
                          "augmentation.label_smoothing": 0.1, "trainer.batch_size": 512,
                          "trainer.tta": "flip"},
     "cifar10_speedrun": {"model.name": "speednet", "model.whiten": True, "model.dirac": True,
-                         "model.bn_scale": False, "dataset.name": "cifar10",
+                         "model.bn_scale": False, "model.bn_momentum": 0.4,
+                         "dataset.name": "cifar10",
                          "dataset.resolution": 32, "augmentation.label_smoothing": 0.2,
                          "augmentation.crop_padding": 2, "augmentation.padding_mode": "reflect",
                          "augmentation.hflip_alternate": True, "optimizer.lr": 1.5,
                          "optimizer.momentum": 0.85, "optimizer.norm_bias_lr_mult": 64.0,
                          "trainer.batch_size": 1024, "trainer.compile": True,
-                         "trainer.ema_decay": 0.98, "trainer.tta": "flip_translate"},
+                         "trainer.ema_decay": None, "trainer.lookahead_every": 5,
+                         "trainer.lookahead_decay": 0.77, "scheduler.pct_start": 0.23,
+                         "scheduler.final_div_factor": 2.857, "trainer.tta": "flip_translate"},
 }
 
 
