@@ -16,6 +16,46 @@ from cnn_bench.config import CONF_DIR  # noqa: E402
 from datagen import make_imagefolder  # noqa: E402
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: tiny models on a busy 2-core machine run faster without a second."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def small_bn_net():
+    """A seeded conv -> BN -> linear net: parameters, float buffers and ``num_batches_tracked``
+    (for the weight-averaging tests)."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+
+
+def sgd_steps(model, n: int, lr: float = 0.5):
+    """Take ``n`` SGD steps of ``model`` on seeded random batches of 10 px images (3 classes),
+    yielding each step's number (0-based) right after its optimizer step."""
+    import torch
+    from torch import nn
+
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    gen = torch.Generator().manual_seed(1)
+    model.train()
+    for step in range(n):
+        x = torch.randn(8, 3, 10, 10, generator=gen)
+        y = torch.randint(0, 3, (8,), generator=gen)
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        yield step
+
+
 def compose_config(overrides: list[str], config_name: str = "config"):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

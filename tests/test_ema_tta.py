@@ -22,39 +22,20 @@ from cnn_bench.errors import CnnBenchError
 from cnn_bench.export import export
 from cnn_bench.loop import StepModel, eval_logits, evaluate, translate
 from cnn_bench.runtime import Runtime
-from conftest import compose_config, interrupt_after_first_epoch, tiny_overrides
+from conftest import (compose_config, interrupt_after_first_epoch, sgd_steps, small_bn_net,
+                      tiny_overrides)
 
 CPU = Runtime(torch.device("cpu"), "fp32", False)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: tiny models on a busy 2-core machine run faster without a second."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _net() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _sgd_steps(model: nn.Module, ema: ModelEma, n: int) -> list[dict]:
     """``n`` SGD steps on seeded random batches, each followed by ``ema.update``; return the raw
     state dict after each step."""
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
-    gen = torch.Generator().manual_seed(1)
     states = []
-    model.train()
-    for step in range(n):
-        x = torch.randn(8, 3, 10, 10, generator=gen)
-        y = torch.randint(0, 3, (8,), generator=gen)
-        opt.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
+    for step in sgd_steps(model, n):
         ema.update(step)
         states.append({k: v.clone() for k, v in model.state_dict().items()})
     return states
@@ -64,7 +45,7 @@ def _sgd_steps(model: nn.Module, ema: ModelEma, n: int) -> list[dict]:
 
 @pytest.mark.parametrize("decay,warmup", [(0.5, False), (0.75, False), (0.9, True)])
 def test_ema_matches_the_closed_form_after_every_step(decay, warmup):
-    model = _net()
+    model = small_bn_net()
     init = {k: v.clone() for k, v in model.state_dict().items()}
     ema = ModelEma(model, decay, warmup=warmup)
     raw = _sgd_steps(model, ema, 3)
@@ -84,7 +65,7 @@ def test_ema_matches_the_closed_form_after_every_step(decay, warmup):
 
 
 def test_ema_decay_zero_is_the_raw_model():
-    model = _net()
+    model = small_bn_net()
     ema = ModelEma(model, 0.0, warmup=True)
     raw = _sgd_steps(model, ema, 3)
     for k, v in ema.state_dict().items():
@@ -92,7 +73,7 @@ def test_ema_decay_zero_is_the_raw_model():
 
 
 def test_ema_skips_frozen_parameters_and_never_syncs(monkeypatch):
-    model = _net()
+    model = small_bn_net()
     model[0].requires_grad_(False)  # a frozen layer, as finetune=head/partial leaves them
     ema = ModelEma(model, 0.9)
     assert not any(t is model[0].weight for t in ema._avg_src)

@@ -13,21 +13,11 @@ from cnn_bench.checkpoint import load_checkpoint
 from cnn_bench.config import validate
 from cnn_bench.errors import CnnBenchError
 from cnn_bench.lookahead import RAMP_POWER, Lookahead
-from conftest import compose_config, interrupt_after_first_epoch, tiny_overrides
+from conftest import (compose_config, interrupt_after_first_epoch, sgd_steps, small_bn_net,
+                      tiny_overrides)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _net() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _float_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -39,17 +29,10 @@ def test_slow_weights_match_the_closed_form(every, total):
     """Every ``every`` steps: slow += w (fast - slow), fast = slow, w = 1 - d (n / total)^3;
     after the last step (between syncs too) the model holds the slow weights."""
     decay = 0.6
-    model = _net()
+    model = small_bn_net()
     la = Lookahead(model, every, decay, total)
-    opt = torch.optim.SGD(model.parameters(), lr=0.3)
-    gen = torch.Generator().manual_seed(1)
     slow = _float_state(model)
-    for step in range(total):
-        x = torch.randn(8, 3, 9, 9, generator=gen)
-        y = torch.randint(0, 3, (8,), generator=gen)
-        opt.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
+    for step in sgd_steps(model, total, lr=0.3):
         fast = _float_state(model)  # after the step, before the sync
         la.update(step)
         n = step + 1
@@ -70,7 +53,7 @@ def test_slow_weights_match_the_closed_form(every, total):
 
 
 def test_early_syncs_follow_the_model_and_late_ones_pull_back():
-    model = _net()
+    model = small_bn_net()
     la = Lookahead(model, 1, 0.77, 100)
     assert la.decay_at(1) == pytest.approx(0.77e-6)
     assert la.decay_at(50) == pytest.approx(0.77 / 8)
@@ -85,7 +68,7 @@ def test_early_syncs_follow_the_model_and_late_ones_pull_back():
 
 
 def test_frozen_parameters_are_left_out():
-    model = _net()
+    model = small_bn_net()
     model[0].weight.requires_grad_(False)
     la = Lookahead(model, 2, 0.5, 10)
     assert "0.weight" not in la.state_dict() and "0.bias" in la.state_dict()
@@ -94,9 +77,9 @@ def test_frozen_parameters_are_left_out():
 
 def test_bad_lookahead_settings_are_one_line_errors(tiny_folder, tmp_path):
     with pytest.raises(CnnBenchError, match="lookahead_every"):
-        Lookahead(_net(), 0, 0.5, 10)
+        Lookahead(small_bn_net(), 0, 0.5, 10)
     with pytest.raises(CnnBenchError, match="lookahead_decay"):
-        Lookahead(_net(), 5, 1.0, 10)
+        Lookahead(small_bn_net(), 5, 1.0, 10)
     for bad, match in (("trainer.lookahead_decay=1.0", "lookahead_decay"),
                        ("trainer.lookahead_every=0", "lookahead_every"),
                        ("trainer.lookahead_every=2.5", "lookahead_every")):
