@@ -18,6 +18,14 @@ from torch import nn
 from cnn_bench.errors import CnnBenchError
 
 
+def averaged_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """What weight averaging (EMA, Lookahead) averages, by state-dict name: the trainable
+    parameters (detached) and the floating buffers (BatchNorm running statistics). Frozen
+    parameters never move and integer buffers (``num_batches_tracked``) cannot be averaged."""
+    params = [(n, p.detach()) for n, p in model.named_parameters() if p.requires_grad]
+    return params + [(n, b) for n, b in model.named_buffers() if b.is_floating_point()]
+
+
 class ModelEma:
     """An eval-only copy of ``model`` whose weights track the model's moving average.
 
@@ -34,21 +42,12 @@ class ModelEma:
         self.decay = float(decay)
         self.warmup = bool(warmup)
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
-        ema_params = dict(self.module.named_parameters())
-        ema_buffers = dict(self.module.named_buffers())
-        self._avg_src: list[torch.Tensor] = []
-        self._avg_dst: list[torch.Tensor] = []
-        self._copy: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                self._avg_src.append(p.detach())
-                self._avg_dst.append(ema_params[name])
-        for name, b in model.named_buffers():
-            if b.is_floating_point():
-                self._avg_src.append(b)
-                self._avg_dst.append(ema_buffers[name])
-            else:
-                self._copy.append((b, ema_buffers[name]))
+        ema_state = self.module.state_dict(keep_vars=True)
+        averaged = averaged_tensors(model)
+        self._avg_src: list[torch.Tensor] = [t for _, t in averaged]
+        self._avg_dst: list[torch.Tensor] = [ema_state[name].detach() for name, _ in averaged]
+        self._copy: list[tuple[torch.Tensor, torch.Tensor]] = [
+            (b, ema_state[name]) for name, b in model.named_buffers() if not b.is_floating_point()]
 
     def decay_at(self, step: int) -> float:
         """The decay of update number ``step`` (0-based): with ``warmup``,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cnn_bench.ema import averaged_tensors
 from cnn_bench.errors import CnnBenchError
 
 # The pull-back grows as (progress) ** RAMP_POWER: airbench's schedule. A lower power would
@@ -35,16 +36,9 @@ class Lookahead:
         if not 0.0 <= decay < 1.0:
             raise CnnBenchError(f"trainer.lookahead_decay must be in [0, 1), got {decay}")
         self.every, self.decay, self.total_steps = every, float(decay), max(1, int(total_steps))
-        self.names: list[str] = []
-        self._fast: list[torch.Tensor] = []
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                self.names.append(name)
-                self._fast.append(p.detach())
-        for name, b in model.named_buffers():
-            if b.is_floating_point():
-                self.names.append(name)
-                self._fast.append(b)
+        averaged = averaged_tensors(model)
+        self.names: list[str] = [name for name, _ in averaged]
+        self._fast: list[torch.Tensor] = [t for _, t in averaged]
         self._slow = [t.detach().clone() for t in self._fast]
 
     def decay_at(self, n: int) -> float:

@@ -13,8 +13,8 @@ from torch import nn
 from tqdm import tqdm
 
 from cnn_bench.ema import ModelEma
-from cnn_bench.lookahead import Lookahead
 from cnn_bench.finetune import FreezePlan, set_train_mode
+from cnn_bench.lookahead import Lookahead
 from cnn_bench.optim import base_lr
 from cnn_bench.runtime import Runtime, rng_state, set_rng_state
 

@@ -21,9 +21,9 @@ from cnn_bench.config import validate
 from cnn_bench.data import build_data
 from cnn_bench import early_stopping
 from cnn_bench.ema import ModelEma
-from cnn_bench.lookahead import Lookahead
 from cnn_bench.errors import CnnBenchError
 from cnn_bench.finetune import apply_finetune
+from cnn_bench.lookahead import Lookahead
 from cnn_bench.loop import (StepModel, TrainState, compile_warmup, evaluate, first_batch,
                              train_one_epoch)
 from cnn_bench.models.build import build_model

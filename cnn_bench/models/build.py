@@ -97,13 +97,12 @@ def build_model(model_cfg: Mapping, num_classes: int, resolution: int) -> nn.Mod
     return model
 
 
-def set_bn_momentum(model: nn.Module, momentum: float) -> int:
+def set_bn_momentum(model: nn.Module, momentum: float) -> None:
     """Set every BatchNorm layer's running-stat momentum (``new = (1 - m) * old + m * batch``,
-    like timm's ``--bn-momentum``); return how many layers changed. A high momentum (airbench:
-    0.4) makes the running statistics follow a short, fast-changing run's recent batches."""
+    like timm's ``--bn-momentum``). A high momentum (airbench: 0.4) makes the running
+    statistics follow a short, fast-changing run's recent batches."""
     if not 0.0 < momentum <= 1.0:
         raise CnnBenchError(f"model.bn_momentum must be in (0, 1] or null, got {momentum}")
-    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    for m in layers:
-        m.momentum = float(momentum)
-    return len(layers)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = float(momentum)
