@@ -19,6 +19,7 @@ flip TTA and with airbench's flip + translate TTA (its default), and the trainin
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -143,22 +144,20 @@ def train_cpu(files: Path, epochs: float, batch_size: int, steps: int | None = N
     return model, test_loader, time.perf_counter() - t0
 
 
-def run_seed(files: Path, seed: int, epochs: float, batch_size: int, device: str,
+def run_seed(files: Path, seed: int, epochs: float, batch_size: int, device: torch.device,
              steps: int | None) -> dict:
     torch.manual_seed(seed)
     a94, utils = _airbench()
-    if device == "cuda":
-        import os
-
+    if device.type == "cuda":
         cwd = os.getcwd()
         os.chdir(files.parent)  # airbench reads ./cifar10/{train,test}.pt
         try:
             loader = utils.CifarLoader("cifar10", train=True, batch_size=batch_size,
                                        aug=a94.hyp["aug"], altflip=True)
-            torch.cuda.synchronize()
+            common.sync(device)
             t0 = time.perf_counter()
             model = a94.train94(loader, epochs=epochs, verbose=False)
-            torch.cuda.synchronize()
+            common.sync(device)
             train_s = time.perf_counter() - t0
             test_loader = utils.CifarLoader("cifar10", train=False, batch_size=2000)
         finally:
@@ -180,9 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="512 images per split, 3 steps of 16, CPU")
     p.add_argument("--out", type=Path, help="also write the markdown table here")
     args = p.parse_args(argv)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    if args.smoke:
-        device = "cpu"
+    device = common.pick_device("cpu" if args.smoke else args.device)
     files = write_airbench_files(args.data, args.workdir / ("smoke" if args.smoke else "full") /
                                  "cifar10", limit=512 if args.smoke else None)
     batch_size, steps = (16, 3) if args.smoke else (1024, None)
@@ -194,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['acc'][2]:.4f}), train {r['train_s']:.1f} s", flush=True)
     table = common.markdown_table(
         ["seed", "epochs", "device", "test acc", "flip TTA", "flip + translate TTA", "train s"],
-        [[r["seed"], "3 steps" if args.smoke else args.epochs, device, f"{r['acc'][0]:.4f}",
+        [[r["seed"], "3 steps" if args.smoke else args.epochs, device.type, f"{r['acc'][0]:.4f}",
           f"{r['acc'][1]:.4f}", f"{r['acc'][2]:.4f}", f"{r['train_s']:.1f}"] for r in rows])
     lines = [f"Command: `{common.command_line()}`", *common.machine_lines(device)]
     common.emit("\n\n".join(["\n".join(f"- {ln}" for ln in lines), table]), args.out)
