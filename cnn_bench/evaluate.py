@@ -87,7 +87,8 @@ def run(cfg: DictConfig) -> dict:
     # The checkpoint's mean/std are what the model saw (pretrained runs use the weights' own).
     data_cfg = OmegaConf.merge(train_cfg.dataset, {"mean": ck["mean"], "std": ck["std"]})
     data = build_data(data_cfg, train_cfg.augmentation, batch_size=cfg.batch_size,
-                      device=device, seed=train_cfg.trainer.seed, eval_batch_size=cfg.batch_size)
+                      device=device, seed=train_cfg.trainer.seed, eval_batch_size=cfg.batch_size,
+                      train_for_eval=cfg.split == "train")
     if list(data.classes) != list(ck["classes"]):
         raise CnnBenchError(f"the dataset's classes ({len(data.classes)}) do not match the "
                             f"checkpoint's ({len(ck['classes'])}): check dataset_root")

@@ -81,6 +81,21 @@ def test_evaluate_reproduces_final_val_acc(trained):
     assert cm.shape == (3, 3) and cm.sum() == res["images"]
 
 
+def test_evaluate_train_split_scores_every_plain_image(trained, tiny_folder):
+    # The run trained with augmentation=basic and drop_last batches: split=train must score
+    # all 72 training images as they are, whatever the batch size.
+    out, _ = trained
+    res = [evaluate_mod.run(compose_config([f"ckpt={out}/checkpoints/last.pt", "split=train",
+                                            "device=cpu", "progress=false", f"batch_size={bs}",
+                                            f"output_dir={out}/eval_train_{bs}"],
+                                           config_name="evaluate"))
+           for bs in (16, 7)]
+    assert res[0]["images"] == res[1]["images"] == 3 * 24
+    assert torch.tensor(res[0]["confusion_matrix"]).sum() == 3 * 24
+    assert res[0]["loss"] == pytest.approx(res[1]["loss"], abs=1e-5)
+    assert res[0]["acc"] == res[1]["acc"]
+
+
 def test_resume_matches_uninterrupted_run(tiny_folder, tmp_path, monkeypatch):
     extra = ["trainer.epochs=3", "augmentation=basic", "trainer.seed=3"]
     full = tmp_path / "full"

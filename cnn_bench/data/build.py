@@ -112,8 +112,12 @@ def _warn_skipped(failed: list[tuple[str, str]], root) -> None:
 
 
 def build_data(data_cfg, aug_cfg, *, batch_size: int, device: torch.device | str, seed: int,
-               channels_last: bool = False, eval_batch_size: int | None = None) -> DataBundle:
+               channels_last: bool = False, eval_batch_size: int | None = None,
+               train_for_eval: bool = False) -> DataBundle:
     """Build train/val/test loaders for the ``dataset`` and ``augmentation`` configs.
+
+    ``train_for_eval``: the train split is loaded like val/test (in order, every image, no
+    augmentation), for scoring a model on its training images (``evaluate.py split=train``).
 
     Chooses the in-memory path (decode once, cache on disk, hold uint8 on ``device``) when the
     decoded splits fit ``dataset.max_memory_gb`` and ``dataset.in_memory`` allows, else streams
@@ -157,7 +161,7 @@ def build_data(data_cfg, aug_cfg, *, batch_size: int, device: torch.device | str
     eval_aug = BatchAugment.normalize_only(mean, std)
     loaders: dict[str, Loader] = {}
     for split, item in data.items():
-        train = split == "train"
+        train = split == "train" and not train_for_eval
         opts = {"shuffle": train, "augment": train_aug if train else eval_aug, **common}
         bs = batch_size if train else eval_bs
         if in_memory:
