@@ -143,7 +143,9 @@ def train_one_epoch(step_model: StepModel, loader, criterion, optimizer, schedul
         bar.update(1)
         if len(pending) >= log_every or i == n_batches - 1:
             losses = torch.stack(pending).float().tolist()  # the one host sync per log interval
-            log_steps(state.global_step - len(losses), losses, pending_lr)
+            # step k's loss is logged at k (1-based: steps done), so epoch e's record, logged at
+            # its last step, lines up with that step's loss
+            log_steps(state.global_step - len(losses) + 1, losses, pending_lr)
             if progress:
                 elapsed = time.perf_counter() - t0
                 bar.set_postfix(loss=f"{losses[-1]:.3f}", acc=f"{correct.item() / seen:.3f}",

@@ -28,9 +28,10 @@ class RunLog:
 
     def __init__(self, output_dir: str | Path, start_step: int = 0, start_epoch: int = 0):
         self.dir = Path(output_dir)
-        # purge_step drops events a crashed run wrote past its last checkpoint, so resumed
+        # purge_step drops events a crashed run wrote past its last checkpoint (steps > start_step:
+        # the checkpointed epoch's own record is logged at start_step and stays), so resumed
         # curves do not double back on themselves.
-        self.tb = SummaryWriter(str(self.dir / "tb"), purge_step=start_step or None)
+        self.tb = SummaryWriter(str(self.dir / "tb"), purge_step=start_step + 1 if start_step else None)
         self.metrics_path = self.dir / "metrics.jsonl"
         if start_epoch == 0:
             self.metrics_path.write_text("")

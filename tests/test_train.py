@@ -117,3 +117,15 @@ def test_resume_matches_uninterrupted_run(tiny_folder, tmp_path, monkeypatch):
         assert torch.equal(a[k], b[k]), k
     lines = (part / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(ln)["epoch"] for ln in lines] == [1, 2, 3]
+    # TensorBoard: the resumed run's curves have the same points as the uninterrupted run's
+    # (the checkpointed epoch's record survives the purge of what followed it).
+    for tag in ("val/acc", "train/loss", "train/loss_step", "train/lr"):
+        assert _scalar_steps(part, tag) == _scalar_steps(full, tag), tag
+
+
+def _scalar_steps(run, tag: str) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tb"))
+    acc.Reload()
+    return [e.step for e in acc.Scalars(tag)]
