@@ -188,6 +188,11 @@ def run(cfg: DictConfig) -> dict:
                 lookahead.reset_to_model()
         state = TrainState(**ck["state"])
         set_rng_state(ck["rng"])
+        if state.best_epoch == state.epoch and state.epoch > 0:
+            # An interrupt between writing last.pt and linking best.pt leaves best.pt one best
+            # behind, and nothing would renew it: link it again (a no-op when it is current).
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            atomic_link(resume, ckpt_dir / "best.pt")
         log.info("resumed from %s at epoch %d", resume, state.epoch)
 
     # A resumed run's wall time continues from its earlier attempts' (downtime not counted).
@@ -247,8 +252,10 @@ def run(cfg: DictConfig) -> dict:
         log.info("epoch %d/%d  train loss %.4f acc %.4f | %s loss %.4f acc %.4f | %.1fs, %.0f img/s",
                  state.epoch, tr.epochs, train_m["loss"], train_m["acc"], val_name, val_m["loss"],
                  val_m["acc"], train_m["seconds"], record["train/images_per_s"])
-        # NaN never counts as an improvement (comparisons with NaN are False).
-        is_best = val_m["acc"] > state.best_metric or state.best_epoch == 0
+        # NaN never counts as an improvement (comparisons with NaN are False). With nothing to
+        # validate on, the latest weights are the best we know (Lightning's monitor=None).
+        is_best = (val_loader is None or val_m["acc"] > state.best_metric
+                   or state.best_epoch == 0)
         if is_best:
             state.best_metric, state.best_epoch = val_m["acc"], state.epoch
         state.stop_reason = early_stopping.check(tr.get("early_stopping"), record, state)

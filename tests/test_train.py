@@ -129,3 +129,41 @@ def _scalar_steps(run, tag: str) -> list[int]:
     acc = EventAccumulator(str(run / "tb"))
     acc.Reload()
     return [e.step for e in acc.Scalars(tag)]
+
+
+def test_without_validation_best_is_the_latest_epoch(tiny_folder, tmp_path):
+    # One folder of class folders and val_fraction=0: nothing to validate on, so best.pt (what
+    # evaluate.py and export read) must follow the training, not stay at epoch 1.
+    out = tmp_path / "noval"
+    summary = train_mod.run(compose_config(tiny_overrides(
+        tiny_folder / "train", out, "dataset.val_fraction=0", "trainer.epochs=2")))
+    assert summary["best_epoch"] == 2 and summary["best_val_acc"] is None
+    assert load_checkpoint(out / "checkpoints/best.pt")["state"]["epoch"] == 2
+
+
+def test_resume_relinks_best_after_an_interrupted_link(tiny_folder, tmp_path, monkeypatch):
+    # Validation improves every epoch; the run is interrupted after writing epoch 2's last.pt,
+    # before best.pt is linked to it. Resuming must not leave best.pt at epoch 1.
+    real_eval, real_link = train_mod.evaluate, train_mod.atomic_link
+    calls = {"eval": 0, "link": 0}
+
+    def improving(*a, **k):
+        calls["eval"] += 1
+        return {**real_eval(*a, **k), "acc": 0.1 * calls["eval"]}
+
+    def link(*a, **k):
+        calls["link"] += 1
+        if calls["link"] == 2:
+            raise KeyboardInterrupt
+        return real_link(*a, **k)
+
+    monkeypatch.setattr(train_mod, "evaluate", improving)
+    monkeypatch.setattr(train_mod, "atomic_link", link)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.run(compose_config(tiny_overrides(tiny_folder, out)))
+    assert load_checkpoint(out / "checkpoints/best.pt")["state"]["epoch"] == 1
+    monkeypatch.setattr(train_mod, "atomic_link", real_link)
+    summary = train_mod.run(compose_config(tiny_overrides(tiny_folder, out, "trainer.resume=auto")))
+    assert summary["best_epoch"] == 2
+    assert load_checkpoint(out / "checkpoints/best.pt")["state"]["epoch"] == 2
