@@ -7,6 +7,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from cnn_bench.early_stopping import MONITORS as EARLY_STOPPING_MONITORS
 from cnn_bench.errors import CnnBenchError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -45,7 +46,30 @@ _SCHEMA: dict[str, tuple[tuple[str, ...], tuple | None, float | None]] = {
     "optimizer.weight_decay": ((_FLOAT,), None, 0),
     "optimizer.head_lr_mult": ((_FLOAT,), None, 0),
     "optimizer.norm_bias_lr_mult": ((_FLOAT,), None, 0),
+    "optimizer.momentum": ((_FLOAT,), None, 0),
+    "optimizer.nesterov": ((_BOOL,), None, None),
+    "scheduler.warmup_epochs": ((_FLOAT,), None, 0),
+    "scheduler.warmup_start_factor": ((_FLOAT,), None, 0),
+    "scheduler.min_lr_factor": ((_FLOAT,), None, 0),
+    "scheduler.step_epochs": ((_FLOAT,), None, None),       # > 0, checked below
+    "scheduler.gamma": ((_FLOAT,), None, 0),
+    "scheduler.pct_start": ((_FLOAT,), None, None),         # in (0, 1), checked below
+    "scheduler.div_factor": ((_FLOAT,), None, None),        # > 0, checked below
+    "scheduler.final_div_factor": ((_FLOAT,), None, None),  # > 0, checked below
+    "trainer.early_stopping.monitor": ((_STR,), EARLY_STOPPING_MONITORS, None),
+    "trainer.early_stopping.mode": ((_STR,), ("max", "min"), None),
+    "trainer.early_stopping.patience": ((_INT, _NONE), None, 1),
+    "trainer.early_stopping.min_delta": ((_FLOAT,), None, 0),
+    "finetune.mode": ((_STR,), ("full", "head", "partial"), None),
+    "finetune.unfreeze_stages": ((_INT,), None, 0),
+    # evaluate.py's own keys (conf/evaluate.yaml; the training config has none of them)
+    "split": ((_STR,), ("test", "val", "train"), None),
+    "batch_size": ((_INT,), None, 1),
+    "precision": ((_STR,), ("auto", "fp32", "bf16", "fp16"), None),
+    "use_ema": ((_BOOL,), None, None),
 }
+# Values that must be strictly positive (``minimum`` above is inclusive).
+_POSITIVE = ("scheduler.step_epochs", "scheduler.div_factor", "scheduler.final_div_factor")
 
 
 def _kind(value: Any) -> str:
@@ -75,6 +99,13 @@ def validate(cfg: DictConfig) -> None:
             raise CnnBenchError(f"{key} must be one of {', '.join(map(str, choices))}; got {value!r}")
         if minimum is not None and kind in (_INT, _FLOAT) and value < minimum:
             raise CnnBenchError(f"{key} must be >= {minimum}, got {value}")
+    for key in _POSITIVE:
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and not value > 0:
+            raise CnnBenchError(f"{key} must be > 0, got {value}")
+    pct_start = OmegaConf.select(cfg, "scheduler.pct_start", default=0.5)
+    if not 0 < pct_start < 1:
+        raise CnnBenchError(f"scheduler.pct_start must be in (0, 1), got {pct_start}")
     val_fraction = OmegaConf.select(cfg, "dataset.val_fraction", default=0.0)
     if not 0 <= val_fraction < 1:
         raise CnnBenchError(f"dataset.val_fraction must be in [0, 1), got {val_fraction}")

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import math
 
+# The epoch metrics it can watch (keys of metrics.jsonl); config.validate rejects others.
+MONITORS = ("val/acc", "val/loss", "train/acc", "train/loss")
+
 
 def improved(value: float, best: float | None, mode: str, min_delta: float) -> bool:
     """Whether ``value`` beats ``best`` by more than ``min_delta``; NaN never improves."""

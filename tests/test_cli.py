@@ -54,3 +54,41 @@ def test_validate_accepts_the_defaults_and_int_for_float():
     validate(cfg)
     with pytest.raises(CnnBenchError, match="dataset.resolution must be >= 8"):
         validate(compose_config(["dataset.resolution=4"]))
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["trainer.early_stopping.mode=maximum"], "trainer.early_stopping.mode must be one of max, min"),
+    (["trainer.early_stopping.monitor=val_acc"], "trainer.early_stopping.monitor must be one of val/acc"),
+    (["trainer.early_stopping.patience=abc"], "trainer.early_stopping.patience must be an integer"),
+    (["scheduler=onecycle", "scheduler.div_factor=0"], "scheduler.div_factor must be > 0"),
+    (["scheduler=onecycle", "scheduler.pct_start=1.5"], "scheduler.pct_start must be in (0, 1)"),
+    (["scheduler=step", "scheduler.step_epochs=abc"], "scheduler.step_epochs must be a number"),
+    (["scheduler.warmup_epochs=abc"], "scheduler.warmup_epochs must be a number"),
+    (["optimizer.momentum=abc"], "optimizer.momentum must be a number"),
+    (["optimizer.nesterov=maybe"], "optimizer.nesterov must be true or false"),
+    (["finetune=partial", "finetune.unfreeze_stages=abc"], "finetune.unfreeze_stages must be an integer"),
+])
+def test_validate_rejects_bad_values_before_training(overrides, expected):
+    # Each of these used to surface as a traceback (some after an epoch had trained) or, for
+    # early stopping, to stop or keep training silently on a key that does not exist.
+    with pytest.raises(CnnBenchError) as e:
+        validate(compose_config(overrides))
+    assert expected in str(e.value)
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["split=classes"], "split must be one of test, val, train"),
+    (["batch_size=0"], "batch_size must be >= 1"),
+    (["precision=fp64"], "precision must be one of auto, fp32, bf16, fp16"),
+])
+def test_validate_checks_evaluate_keys(overrides, expected):
+    validate(compose_config(["ckpt=x.pt"], config_name="evaluate"))
+    with pytest.raises(CnnBenchError) as e:
+        validate(compose_config(["ckpt=x.pt", *overrides], config_name="evaluate"))
+    assert expected in str(e.value)
+
+
+def test_evaluate_bad_value_is_one_line():
+    p = run_cli("ckpt=x.pt", "precision=fp64", script="evaluate.py")
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert p.stderr.strip() == "error: precision must be one of auto, fp32, bf16, fp16; got 'fp64'"
