@@ -219,7 +219,9 @@ def evaluate(model: nn.Module | StepModel, loader, criterion, rt: Runtime, num_c
         with rt.autocast():
             logits = eval_logits(model, x, tta)
         loss_sum += criterion(logits.float(), y) * y.shape[0]
-        confusion += torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes ** 2)
+        # index_add_, not bincount: CUDA's bincount reads min/max back to the host every call
+        cell = y * num_classes + logits.argmax(1)
+        confusion.index_add_(0, cell, torch.ones_like(cell))
         seen += y.shape[0]
         bar.update(1)
     confusion = confusion.view(num_classes, num_classes).cpu()  # the one sync of the pass

@@ -410,3 +410,43 @@ def test_fused_matches_for_loop_on_cuda():
         params.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*params):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def _eval_setup(dev: torch.device, batches: int, num_classes: int = 5):
+    """A seeded linear model and ``batches`` random batches of 8 images (4 px), on ``dev``."""
+    gen = torch.Generator().manual_seed(0)
+    data = [(torch.randn(8, 3, 4, 4, generator=gen).to(dev),
+             torch.randint(0, num_classes, (8,), generator=gen).to(dev)) for _ in range(batches)]
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, num_classes)).to(dev)
+    return model, data, Runtime(dev, "fp32", channels_last=False)
+
+
+def test_evaluate_confusion_counts_every_prediction():
+    model, data, rt = _eval_setup(torch.device("cpu"), batches=4)
+    m = loop.evaluate(model, data, torch.nn.CrossEntropyLoss(), rt, 5)
+    want = torch.zeros(5, 5, dtype=torch.long)
+    with torch.no_grad():
+        for x, y in data:
+            for t, p in zip(y.tolist(), model(x).argmax(1).tolist()):
+                want[t, p] += 1
+    assert torch.equal(m["confusion"], want) and m["images"] == 32
+    assert m["acc"] == pytest.approx(want.diag().sum().item() / 32)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs are a CUDA matter")
+def test_evaluate_syncs_once_per_pass_on_cuda():
+    """1 batch and 6 batches cost the same number of host syncs (torch's sync debug mode)."""
+    counts = []
+    for batches in (1, 6):
+        model, data, rt = _eval_setup(torch.device("cuda"), batches)
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                loop.evaluate(model, data, torch.nn.CrossEntropyLoss(), rt, 5)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        counts.append(sum("synchroniz" in str(w.message) for w in caught))
+    assert counts[0] == counts[1]
