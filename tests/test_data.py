@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import socket
 import warnings
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
+from PIL import Image
 
 import cnn_bench.data.memory as memory
 from cnn_bench.data import BatchAugment, DataBundle, Loader, build_data, decode_image
@@ -267,6 +269,37 @@ def test_broken_files_skipped_and_named_in_one_warning(folder, tmp_path, in_memo
             assert f"{p.name} ({why})" in msgs[0]
         assert sorted(b.skipped) == sorted(str(p) for p in broken)
         assert b.train.num_samples == 24
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_dangling_link_is_skipped_like_an_unreadable_file(folder, tmp_path, in_memory):
+    link = folder / "train" / "a" / "zz_dangling.jpg"
+    os.symlink(tmp_path / "nowhere.jpg", link)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        b = build(cfg(folder, in_memory=in_memory, cache_dir=str(tmp_path / "c")))
+        list(b.train)
+    msgs = [str(w.message) for w in caught if "unreadable" in str(w.message)]
+    assert len(msgs) == 1 and "zz_dangling.jpg" in msgs[0], msgs
+    assert b.skipped == [str(link)] and b.train.num_samples == 24
+
+
+def test_cache_sees_a_file_replaced_with_its_size_and_mtime_restored(folder, tmp_path):
+    # cp -p / rsync -a / unpacking an archive restore mtimes; an uncompressed BMP of the same
+    # dimensions keeps its size. The decoded cache must still serve the new pixels.
+    bmp = folder / "val" / "a" / "zz.bmp"
+    pixels = np.full((16, 16, 3), 40, np.uint8)
+    Image.fromarray(pixels).save(bmp)
+    data_cfg = cfg(folder, in_memory=True, cache_dir=str(tmp_path / "c"))
+    before = build(data_cfg).val.images.clone()
+    st = bmp.stat()
+    Image.fromarray(255 - pixels).save(bmp)
+    os.utime(bmp, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert bmp.stat().st_size == st.st_size and bmp.stat().st_mtime_ns == st.st_mtime_ns
+    after = build(data_cfg).val.images
+    assert not torch.equal(before, after)
+    fresh = build({**data_cfg, "cache_dir": str(tmp_path / "fresh")}).val.images
+    assert torch.equal(after, fresh)
 
 
 def test_odd_modes_load_as_rgb(folder, tmp_path):

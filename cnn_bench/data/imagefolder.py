@@ -32,8 +32,20 @@ def find_classes(folder: Path) -> list[str]:
     return classes
 
 
-def _images_in(class_dir: Path, root: Path) -> list[tuple[str, str, os.stat_result]]:
-    """(path, path relative to ``root``, stat) of every image below ``class_dir``, sorted."""
+def _stamp(path: str) -> str:
+    """What identifies a file's content for the decoded-data cache: size, mtime and ctime (a file
+    replaced with its old size and mtime restored, as ``cp -p`` or ``rsync -a`` do, still gets a
+    new ctime). A file that cannot be stat'ed (a dangling link) stays in the list, and the
+    decode pass reports it with the other unreadable files."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        return f"unreadable {e.errno}"
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+
+
+def _images_in(class_dir: Path, root: Path) -> list[tuple[str, str, str]]:
+    """(path, path relative to ``root``, cache stamp) of every image below ``class_dir``, sorted."""
     found = []
     for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -41,7 +53,7 @@ def _images_in(class_dir: Path, root: Path) -> list[tuple[str, str, os.stat_resu
         for fn in sorted(filenames):
             if fn.lower().endswith(IMG_EXTENSIONS) and not fn.startswith("."):
                 path = os.path.join(dirpath, fn)
-                found.append((path, os.path.join(rel_dir, fn), os.stat(path)))
+                found.append((path, os.path.join(rel_dir, fn), _stamp(path)))
     return found
 
 
@@ -55,11 +67,11 @@ def scan(folder: Path, classes: list[str], root: Path) -> FileSource:
                 f"class folder {folder / cls} has no images ({', '.join(IMG_EXTENSIONS)}); "
                 "add images or remove the folder"
             )
-        for path, rel, st in files:
+        for path, rel, stamp in files:
             paths.append(path)
             names.append(rel)
             labels.append(label)
-            stamps.append(f"{rel}:{st.st_size}:{st.st_mtime_ns}:{label}")
+            stamps.append(f"{rel}:{stamp}:{label}")
     return FileSource(paths, names, labels, digest("imagefolder", folder, *stamps))
 
 

@@ -37,13 +37,13 @@ def _open(cls, title: str, root: str, train: bool, download: bool):
 
 
 def _fingerprint(name: str, root: str, folder: str) -> str:
-    """Names, sizes and mtimes of the dataset's files: cheap, and changes when they do."""
+    """Names, sizes, mtimes and ctimes of the dataset's files: cheap, and changes when they do."""
     base = os.path.join(root, folder)
     stats = []
     for entry in sorted(os.scandir(base), key=lambda e: e.name):
         if entry.is_file():
             st = entry.stat()
-            stats.append(f"{entry.name}:{st.st_size}:{st.st_mtime_ns}")
+            stats.append(f"{entry.name}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}")
     return digest(name, base, *stats)
 
 
