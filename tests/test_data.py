@@ -87,6 +87,23 @@ def test_bundled_cifar10_mini_loads_offline(tmp_path, monkeypatch):
     assert len(b.test) == -(-2000 // 256)
 
 
+def test_bundled_archive_with_other_test_classes_is_one_line(tmp_path):
+    # dataset.root may point at another archive of the bundled layout: a test class that train
+    # lacks must not silently shrink the test set.
+    import tarfile
+
+    tree = make_imagefolder(tmp_path / "tree", classes=("a", "b"), per_class=2,
+                            splits=("train", "test"))
+    make_imagefolder(tree / "extra", classes=("c",), per_class=2, splits=None)
+    (tree / "extra" / "c").rename(tree / "test" / "c")
+    archive = tmp_path / "mini.tar.xz"
+    with tarfile.open(archive, "w:xz") as tar:
+        tar.add(tree / "train", arcname="train")
+        tar.add(tree / "test", arcname="test")
+    with pytest.raises(CnnBenchError, match=r"test/ do not match train's \(extra c\)"):
+        build(cfg(archive, name="cifar10_mini"))
+
+
 # --- both paths ------------------------------------------------------------------------------
 
 

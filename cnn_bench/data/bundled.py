@@ -15,7 +15,8 @@ import tarfile
 from pathlib import Path
 
 from cnn_bench.data.registry import register_dataset
-from cnn_bench.data.source import BlobSource, SplitSet, digest, resolve, split_source
+from cnn_bench.data.source import (BlobSource, SplitSet, check_same_classes, digest, resolve,
+                                    split_source)
 from cnn_bench.errors import CnnBenchError
 
 ASSET = Path(__file__).parent / "assets" / "cifar10_mini.tar.xz"
@@ -68,5 +69,8 @@ def cifar10_mini(cfg: dict) -> SplitSet:
     classes = sorted(tree["train"])
     full = _source(tree, "train", classes, sha)
     train, val = split_source(full, cfg["val_fraction"], cfg["split_seed"])
-    test = _source(tree, "test", classes, sha) if "test" in tree else None
+    test = None
+    if "test" in tree:
+        check_same_classes(f"{path} test/", sorted(tree["test"]), classes)
+        test = _source(tree, "test", classes, sha)
     return SplitSet(train, val, test, classes, mean=CIFAR10_MEAN, std=CIFAR10_STD)

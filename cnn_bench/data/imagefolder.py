@@ -18,7 +18,8 @@ from pathlib import Path
 
 from cnn_bench.data.decode import IMG_EXTENSIONS
 from cnn_bench.data.registry import register_dataset
-from cnn_bench.data.source import FileSource, SplitSet, digest, resolve, split_source
+from cnn_bench.data.source import (FileSource, SplitSet, check_same_classes, digest, resolve,
+                                    split_source)
 from cnn_bench.errors import CnnBenchError
 
 VAL_DIRS = ("val", "validation", "valid")
@@ -75,20 +76,6 @@ def scan(folder: Path, classes: list[str], root: Path) -> FileSource:
     return FileSource(paths, names, labels, digest("imagefolder", folder, *stamps))
 
 
-def _check_same_classes(folder: Path, classes: list[str], train_classes: list[str]) -> None:
-    if classes != train_classes:
-        missing = sorted(set(train_classes) - set(classes))
-        extra = sorted(set(classes) - set(train_classes))
-        detail = "; ".join(
-            part for part in (f"missing {', '.join(missing)}" if missing else "",
-                              f"extra {', '.join(extra)}" if extra else "") if part
-        )
-        raise CnnBenchError(
-            f"class folders of {folder} do not match train's ({detail}); "
-            "val/test must have the same class folders as train"
-        )
-
-
 @register_dataset(name="imagefolder")
 def imagefolder(cfg: dict) -> SplitSet:
     """Build train/val/test sources from ``cfg['root']`` (see the module docstring)."""
@@ -119,10 +106,10 @@ def imagefolder(cfg: dict) -> SplitSet:
     if val_dir is None:
         train, val = split_source(train, cfg["val_fraction"], cfg["split_seed"])
     else:
-        _check_same_classes(val_dir, find_classes(val_dir), classes)
+        check_same_classes(val_dir, find_classes(val_dir), classes)
         val = scan(val_dir, classes, root)
     test = None
     if (root / "test").is_dir():
-        _check_same_classes(root / "test", find_classes(root / "test"), classes)
+        check_same_classes(root / "test", find_classes(root / "test"), classes)
         test = scan(root / "test", classes, root)
     return SplitSet(train, val, test, classes)

@@ -169,3 +169,18 @@ def split_source(source: ImageSource, fraction: float, seed: int):
 
 def resolve(path: str | Path) -> Path:
     return Path(path).expanduser().resolve()
+
+
+def check_same_classes(folder, classes: list[str], train_classes: list[str]) -> None:
+    """One line naming the missing and extra classes when a val/test split's differ from train's."""
+    if classes != train_classes:
+        missing = sorted(set(train_classes) - set(classes))
+        extra = sorted(set(classes) - set(train_classes))
+        detail = "; ".join(
+            part for part in (f"missing {', '.join(missing)}" if missing else "",
+                              f"extra {', '.join(extra)}" if extra else "") if part
+        )
+        raise CnnBenchError(
+            f"class folders of {folder} do not match train's ({detail}); "
+            "val/test must have the same class folders as train"
+        )
