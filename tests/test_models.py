@@ -339,6 +339,19 @@ def test_torchvision_passthrough():
     assert model.model.classifier[0].p == 0.3
 
 
+@pytest.mark.parametrize("name,resolution", [("googlenet", 64), ("inception_v3", 80)])
+def test_torchvision_aux_classifier_models_train(name, resolution):
+    # Built with auxiliary heads, their train-mode forward returns a named tuple the loss cannot
+    # take, and the heads would never get a gradient from the main logits.
+    model = build_model({**_cfg("torchvision"), "name": name}, NUM_CLASSES, resolution).train()
+    out = model(torch.randn(2, 3, resolution, resolution))
+    assert isinstance(out, torch.Tensor) and out.shape == (2, NUM_CLASSES)
+    nn.functional.cross_entropy(out, torch.tensor([0, 1])).backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    with pytest.raises(CnnBenchError, match="aux_logits=true is not supported"):
+        build_model({**_cfg("torchvision"), "name": name, "aux_logits": True}, NUM_CLASSES, 64)
+
+
 def test_torchvision_unknown_name():
     with pytest.raises(CnnBenchError, match="resnet50"):
         build_model({**_cfg("torchvision"), "name": "resnet5O"}, 10, 32)

@@ -31,6 +31,13 @@ TORCHVISION_PRETRAINED_OPTIONS: dict[str, dict] = {
 }
 
 
+# NOTE: GoogLeNet and Inception v3 are built without their auxiliary classifiers (torchvision's
+# default with weights=None is to keep them). With them, the train-mode forward returns a named
+# tuple, not logits; the trainer's loss reads the main logits only, so the auxiliary heads would
+# never train. torchvision's own builder drops them after loading pretrained weights too.
+TORCHVISION_NO_AUX = ("googlenet", "inception_v3")
+
+
 class _StopForward(Exception):
     """Raised by a pre-hook to stop the forward at the classifier once its input is captured."""
 
@@ -164,6 +171,12 @@ def _torchvision(name: str, num_classes: int, **kwargs) -> PassthroughModel:
     available = torchvision.models.list_models(module=torchvision.models)
     if name not in available:
         raise CnnBenchError(f"unknown torchvision model '{name}': {did_you_mean(name, available)}")
+    if name in TORCHVISION_NO_AUX:
+        if kwargs.get("aux_logits"):
+            raise CnnBenchError(f"torchvision {name}: model.aux_logits=true is not supported (the "
+                                f"trainer's loss reads the main logits only, so the auxiliary "
+                                f"classifiers would never train); leave it unset")
+        kwargs = {**kwargs, "aux_logits": False}
     try:
         model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
     except TypeError as e:
