@@ -414,3 +414,12 @@ def test_cli_prints_a_row():
     bad = subprocess.run([sys.executable, "-m", "cnn_bench.models", "resnet5O"],
                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert bad.returncode == 2 and "resnet50" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_alexnet_imagenet_stem_below_its_minimum_names_both_ways_out():
+    # With pretrained weights the cifar stem is no way out (conv1's shape differs): the line
+    # must also offer the resolution.
+    model = build_model({**_cfg("alexnet"), "stem": "imagenet"}, NUM_CLASSES, 48)
+    with pytest.raises(CnnBenchError, match=r"model.stem=cifar, .*dataset.resolution=63 or more"):
+        model(torch.randn(1, 3, 48, 48))
+    assert model(torch.randn(1, 3, 63, 63)).shape == (1, NUM_CLASSES)

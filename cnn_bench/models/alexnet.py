@@ -84,7 +84,8 @@ class AlexNet(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         if min(x.shape[-2:]) < self.min_size:
             raise CnnBenchError(f"AlexNet's imagenet stem needs inputs of at least {self.min_size} px, "
-                                f"got {tuple(x.shape[-2:])}: use model.stem=cifar")
+                                f"got {tuple(x.shape[-2:])}: use model.stem=cifar, or (pretrained "
+                                f"weights need this stem) dataset.resolution={self.min_size} or more")
         return self.features(x)
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
