@@ -292,6 +292,15 @@ def test_unknown_model_name_suggests_close_match():
         build_model({"name": "resnet5O", "stem": "auto"}, 10, 32)
 
 
+@pytest.mark.parametrize("name,option,message", [
+    ("alexnet_v1", {"groups": 0}, "model.groups must be an integer >= 1"),
+    ("regnet_bifpn", {"feature_size": 0}, "model.feature_size must be >= 1"),
+])
+def test_bad_option_values_are_one_line(name, option, message):
+    with pytest.raises(CnnBenchError, match=message):
+        build_model({**_cfg(name), **option}, 10, 32)
+
+
 def test_unknown_option():
     with pytest.raises(CnnBenchError, match="zero_init_residual"):
         get_model("resnet18", zero_init_residul=True)

@@ -32,6 +32,8 @@ class AlexNet(nn.Module):
         super().__init__()
         check_stem(stem)
         check_width_mult(width_mult)
+        if not isinstance(groups, int) or groups < 1:
+            raise CnnBenchError(f"model.groups must be an integer >= 1, got {groups!r}")
         w = [make_divisible(c * width_mult, 8 * groups) for c in widths]
         hidden = make_divisible(hidden * width_mult, 8)
         if stem == "imagenet":

@@ -157,6 +157,8 @@ class RegNetBiFPN(nn.Module):
         check_choice("head", head, HEADS)
         if num_layers < 1:
             raise CnnBenchError(f"model.num_layers must be >= 1, got {num_layers}")
+        if feature_size < 1:
+            raise CnnBenchError(f"model.feature_size must be >= 1 (channels), got {feature_size}")
         # width_mult scales the backbone and the pyramid width alike.
         channels = make_divisible(feature_size * width_mult, 8)
         self.backbone = RegNet(VARIANTS[backbone], num_classes=0, stem=stem, width_mult=width_mult)
