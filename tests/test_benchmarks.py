@@ -258,3 +258,22 @@ def test_spread_and_subset(tmp_path):
     assert sorted(p.name for p in (sub / "train" / "a").iterdir()) == ["0.jpg", "1.jpg", "2.jpg"]
     assert len(list((sub / "test" / "b").iterdir())) == 5
     assert (sub / "train" / "a" / "0.jpg").resolve() == (src / "train" / "a" / "0.jpg").resolve()
+
+
+def test_gpu_checks_smoke_writes_one_report(tiny_folder, tmp_path):
+    # The prepared GPU pass, in the steps' smoke modes on CPU: a step that runs puts its table
+    # in report.md, one whose package is missing or whose time is gone says why.
+    out = tmp_path / "out"
+    proc = _run("gpu_checks.py", "--smoke", "--data", str(tiny_folder), "--wheels",
+                str(tmp_path / "none"), "--only", "g1_resnet50,airbench", "--out-dir", str(out))
+    report = (out / "report.md").read_text()
+    assert "## g1_resnet50: ok" in report and "| speednet_s | 16 | 8 | fp32 | cnn_bench |" in report
+    has_airbench = importlib.util.find_spec("airbench") is not None
+    assert ("## airbench: ok" if has_airbench else "## airbench: skipped") in report
+    assert "==== g1_resnet50: ok" in (out / "logs.txt").read_text()
+    assert proc.stdout.splitlines()[0].startswith("g1_resnet50: ok")
+
+    _run("gpu_checks.py", "--smoke", "--data", str(tiny_folder), "--wheels", str(tmp_path / "none"),
+         "--only", "g3_speedrun", "--budget", "0", "--out-dir", str(out))
+    assert "## g3_speedrun: skipped" in (out / "report.md").read_text()
+    assert "not started: 0 s of the budget left" in (out / "report.md").read_text()

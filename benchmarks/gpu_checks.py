@@ -1,0 +1,267 @@
+#!/usr/bin/env python
+"""The GPU checks of BENCHMARKS.md as one prepared pass, for a lent GPU machine with little time.
+
+A lent machine gives a session about 15 minutes in all, its start included, and brings back at
+most 8 files. This script spends them in order of value and leaves two files in ``--out-dir``
+(``$OUT``): ``report.md`` (every step's markdown table, or why it did not run) and ``logs.txt``
+(the end of each step's output). The report is rewritten after every step, so a pass cut short
+still returns what it finished.
+
+Steps (``--list`` prints them with their time estimates): the CUDA tests (``tests/test_cuda.py``
+and the CUDA cases of ``tests/test_trainer_options.py``), ResNet-50 @224 bf16 throughput (G1),
+one seed of each CIFAR-10 recipe to 94% (G3), the CIFAR models' throughput on the real data
+(G2), airbench94 itself on the same data (G3's peer), channels_last on/off per family (G6), and
+timm's train.py (G4, only where ``$TIMM_TRAIN_SCRIPT`` names it). A step starts only while the
+budget still holds its estimate, and runs under what is left of it.
+
+Here, once (needs the package index)::
+
+    python benchmarks/gpu_checks.py --prepare     # wheels -> .whl/, CIFAR-10 JPEGs -> .gpu/
+
+There, through the device tool (``carry: [".whl", ".gpu"]``, ``timeout_s`` ~ budget + 60)::
+
+    python3 benchmarks/gpu_checks.py --budget 480
+
+``--smoke`` runs the same steps on CPU in the benchmarks' smoke modes (tests use it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "benchmarks"
+# What the GPU machine's image lacks (it has torch, torchvision, tensorboard, tqdm, matplotlib,
+# safetensors and timm). antlr4-python3-runtime is an sdist on PyPI: --prepare builds its wheel.
+WHEELS = ["hydra-core==1.3.8", "omegaconf==2.3.1", "antlr4-python3-runtime==4.9.3",
+          "airbench==0.1.8"]
+CIFAR_TAR = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.xz"
+
+
+@dataclass
+class Step:
+    """One check: what it measures, the seconds it needs (estimated for one H100/H200, a cold
+    start included), and its command for (data folder, report file, smoke?)."""
+
+    name: str
+    measures: str
+    est_s: int
+    argv: callable
+    needs: tuple[str, ...] = ()   # importable modules, else skipped with one line
+
+
+def _script(name: str, *args: str) -> list[str]:
+    return [sys.executable, str(BENCH / name), *args]
+
+
+def _throughput(specs: list[str], *extra: str):
+    def argv(data: Path, out: Path, smoke: bool) -> list[str]:
+        if smoke:
+            return _script("throughput.py", "--smoke", "speednet_s:16:8", *extra, "--out", str(out))
+        return _script("throughput.py", *specs, "--steps", "30", "--warmup-steps", "10",
+                       "--eval-steps", "10", "--repeats", "3", *extra, "--out", str(out))
+    return argv
+
+
+def _to_accuracy(experiment: str):
+    def argv(data: Path, out: Path, smoke: bool) -> list[str]:
+        # 8 decode workers: the first run decodes 60,000 JPEGs (later ones read the cache)
+        return _script("time_to_accuracy.py", "--data", str(data), "--experiments", experiment,
+                       "--seeds", "0", "--workdir", str(Path(tempfile.gettempdir()) / "gpu_tta"),
+                       *(["--smoke"] if smoke else ["--set", "dataset.num_workers=8"]),
+                       "--out", str(out))
+    return argv
+
+
+def _airbench(data: Path, out: Path, smoke: bool) -> list[str]:
+    return _script("airbench_ref.py", "--data", str(data), "--seeds", "0",
+                   *(["--smoke"] if smoke else []), "--out", str(out))
+
+
+def _timm(data: Path, out: Path, smoke: bool) -> list[str]:
+    if smoke:
+        return _script("vs_timm.py", "--data", str(data), "--smoke", "--source", "timm",
+                       "--model", "resnet18", "--resolution", "16", "--batch-size", "8",
+                       "--out", str(out))
+    return _script("vs_timm.py", "--data", str(data), "--source", "timm", "--model", "resnet18",
+                   "--epochs", "5", "--batch-size", "512", "--lr", "0.4", "--workers", "8",
+                   "--repeats", "1", "--out", str(out))
+
+
+def _cuda_tests(data: Path, out: Path, smoke: bool) -> list[str]:
+    opts = "tests/test_trainer_options.py::test_"
+    return [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+            "tests/test_cuda.py", f"{opts}fused_matches_for_loop_on_cuda",
+            f"{opts}evaluate_syncs_once_per_pass_on_cuda"]
+
+
+STEPS = [
+    Step("cuda_tests", "the CUDA paths work: bf16/channels_last, fp16 scaler, compile, CUDA "
+         "graphs, resume, evaluate, no host sync per step", 120, _cuda_tests),
+    Step("g1_resnet50", "ResNet-50 @224 bf16 train img/s (target >= 3,000) and data % of step",
+         90, _throughput(["resnet50:224:256:bf16"])),
+    Step("g3_speedrun", "cifar10_speedrun: time to 94%, 1 seed (target <= 10 s)", 150,
+         _to_accuracy("cifar10_speedrun")),
+    Step("g2_cifar", "the CIFAR recipes' models on GPU-resident real data: img/s, data % of step",
+         80, _throughput(["speednet:32:1024:bf16", "resnet18:32:512:bf16"], "--data", "{data}")),
+    Step("airbench", "airbench94 itself on the same JPEGs, 1 seed (the peer)", 90, _airbench,
+         needs=("airbench",)),
+    Step("g3_resnet18", "cifar10_resnet18: time to 94%, 1 seed (target <= 90 s)", 240,
+         _to_accuracy("cifar10_resnet18")),
+    Step("g6_cl_on", "channels_last on, per family (RegNetX grouped convs are reported slower)",
+         90, _throughput(["regnetx_400mf:224:256:bf16", "mobilenet_v2:224:256:bf16"],
+                         "--channels-last", "true")),
+    Step("g6_cl_off", "channels_last off, the same models", 90,
+         _throughput(["regnetx_400mf:224:256:bf16", "mobilenet_v2:224:256:bf16"],
+                     "--channels-last", "false")),
+    Step("g4_timm", "timm's train.py vs cnn_bench, same work (target <= 0.8x its wall time)",
+         240, _timm, needs=("timm",)),
+]
+
+
+def _missing(step: Step) -> str | None:
+    import importlib.util
+
+    for mod in step.needs:
+        if importlib.util.find_spec(mod) is None:
+            return f"{mod} is not installed"
+    if step.name == "g4_timm" and not os.environ.get("TIMM_TRAIN_SCRIPT"):
+        return "$TIMM_TRAIN_SCRIPT (timm's train.py) is not set"
+    return None
+
+
+def install_wheels(wheels: Path, target: Path) -> str:
+    """pip-install ``wheels/*.whl`` into ``target`` (put on the path of this process and every
+    step); returns one line saying what happened."""
+    files = sorted(str(p) for p in wheels.glob("*.whl"))
+    if not files:
+        return f"no wheels in {wheels}"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
+                    "--no-compile", "--upgrade", "--target", str(target), *files], check=True)
+    sys.path.insert(0, str(target))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(target),
+                                                             os.environ.get("PYTHONPATH")]))
+    return f"installed {len(files)} wheels into {target}"
+
+
+def unpack(tar: Path, dest: Path) -> Path:
+    """The ImageFolder root: ``dest`` once ``tar`` (train/, test/) is unpacked there."""
+    if not (dest / "train").is_dir():
+        dest.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(tar, "r:xz") as t:
+            t.extractall(dest, filter="data")
+    return dest
+
+
+def prepare(wheels: Path, gpu_dir: Path) -> None:
+    """Here: wheels for what the GPU image lacks, and the CIFAR-10 JPEGs, into ignored folders."""
+    wheels.mkdir(exist_ok=True)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels),
+                    *WHEELS], check=True)
+    gpu_dir.mkdir(exist_ok=True)
+    shutil.copy2(CIFAR_TAR, gpu_dir / CIFAR_TAR.name)
+    print(f"wrote {', '.join(p.name for p in sorted(wheels.glob('*.whl')))} to {wheels} and "
+          f"{CIFAR_TAR.name} to {gpu_dir}; carry both")
+
+
+def run_steps(steps: list[Step], data: Path, out_dir: Path, budget: float, smoke: bool,
+              setup: list[str]) -> list[tuple[Step, str]]:
+    """Run ``steps`` in order within ``budget`` seconds; write report.md and logs.txt after each."""
+    t0 = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="gpu_checks_"))
+    results: list[tuple[Step, str]] = []
+    sections, logs = [], []
+    for step in steps:
+        left = max(0.0, budget - (time.perf_counter() - t0))
+        reason = _missing(step)
+        if reason is None and left < (1 if smoke else step.est_s):
+            reason = f"not started: {left:.0f} s of the budget left, it needs ~{step.est_s} s"
+        if reason is not None:
+            results.append((step, f"skipped ({reason})"))
+            sections.append(f"## {step.name}: skipped\n\n{step.measures}. {reason}.")
+        else:
+            md = work / f"{step.name}.md"
+            argv = [a.replace("{data}", str(data)) for a in step.argv(data, md, smoke)]
+            start = time.perf_counter()
+            try:
+                p = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=left)
+                status = "ok" if p.returncode == 0 else f"exit {p.returncode}"
+                output = p.stdout + p.stderr
+            except subprocess.TimeoutExpired as e:
+                status = f"stopped at the budget ({left:.0f} s)"
+                output = "".join(x.decode(errors="replace") if isinstance(x, bytes) else x or ""
+                                 for x in (e.stdout, e.stderr))
+            took = time.perf_counter() - start
+            results.append((step, f"{status}, {took:.0f} s"))
+            # pytest writes no report: its summary lines are the result
+            body = md.read_text() if md.is_file() else "```\n" + "\n".join(
+                output.strip().splitlines()[-15:]) + "\n```"
+            sections.append(f"## {step.name}: {status}, {took:.0f} s\n\n{step.measures}.\n\n"
+                            f"`{' '.join(argv)}`\n\n{body}")
+            logs.append(f"==== {step.name}: {status}, {took:.0f} s\n{output[-6000:]}")
+        head = ["# GPU checks", "", *[f"- {ln}" for ln in setup],
+                f"- budget {budget:.0f} s, used {time.perf_counter() - t0:.0f} s", ""]
+        (out_dir / "report.md").write_text("\n".join(head) + "\n" + "\n\n".join(sections) + "\n")
+        (out_dir / "logs.txt").write_text("\n\n".join(logs) + "\n")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--prepare", action="store_true", help="here: fetch wheels and data, then stop")
+    p.add_argument("--list", action="store_true", help="print the steps and stop")
+    p.add_argument("--budget", type=float, default=480, help="seconds for all steps (480)")
+    p.add_argument("--only", help="comma-separated step names (default: all, in order)")
+    p.add_argument("--wheels", type=Path, default=REPO / ".whl", help="wheels to install (.whl)")
+    p.add_argument("--data", type=Path, help="CIFAR-10 ImageFolder (default: unpack --data-tar)")
+    p.add_argument("--data-tar", type=Path, default=REPO / ".gpu" / CIFAR_TAR.name)
+    p.add_argument("--out-dir", type=Path, default=Path(os.environ.get("OUT", ".")),
+                   help="where report.md and logs.txt go (default $OUT)")
+    p.add_argument("--smoke", action="store_true", help="the steps' smoke modes (CPU; --data needed)")
+    args = p.parse_args(argv)
+    if args.prepare:
+        prepare(args.wheels, args.data_tar.parent)
+        return 0
+    steps = STEPS
+    if args.only:
+        names = args.only.split(",")
+        unknown = [n for n in names if n not in {s.name for s in STEPS}]
+        if unknown:
+            p.error(f"unknown step(s) {', '.join(unknown)}; see --list")
+        steps = [s for s in STEPS if s.name in names]
+    if args.list:
+        for s in steps:
+            print(f"{s.name:12s} ~{s.est_s:4d} s  {s.measures}")
+        return 0
+    import torch
+
+    setup = [f"torch {torch.__version__}, "
+             + (torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device")]
+    if args.wheels.is_dir():
+        setup.append(install_wheels(args.wheels, Path(tempfile.gettempdir()) / "gpu_site"))
+    data = args.data
+    if data is None:
+        if not args.data_tar.is_file():
+            p.error(f"no --data and no {args.data_tar}: run --prepare here and carry .gpu")
+        data = unpack(args.data_tar, Path(tempfile.gettempdir()) / "cifar")
+    setup.append(f"data: {data}")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    results = run_steps(steps, data, args.out_dir, args.budget, args.smoke, setup)
+    for step, status in results:
+        print(f"{step.name}: {status}")
+    return 0 if all(s.startswith(("ok", "skipped")) for _, s in results) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
