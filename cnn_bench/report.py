@@ -49,17 +49,18 @@ def _epochs(r: JobRow) -> str:
 
 
 def markdown_table(rows: list[JobRow]) -> str:
-    """The results table in Markdown, accuracies in %, params in millions, FLOPs in GFLOPs."""
+    """The results table in Markdown, accuracies in %, params in millions, FLOPs in GFLOPs; the
+    last column names the job, so jobs that differ in other settings (a seed) stay apart."""
     head = ["model", "width", "res (px)", "params (M)", "GFLOPs", "best val acc (%)",
             "best val loss", "final val acc (%)", "final val loss", "train acc (%)", "epochs",
-            "wall time (s)", "train img/s", "status"]
+            "wall time (s)", "train img/s", "status", "job"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in _sorted(rows):
         cells = [r.model or "", _num(r.width, "g"), _num(r.resolution, "d"),
                  _num(r.params, ".3f", 1e6), _num(r.flops, ".4f", 1e9), _pct(r.best_val_acc),
                  _num(r.best_val_loss, ".4f"), _pct(r.final_val_acc), _num(r.final_val_loss, ".4f"),
                  _pct(r.final_train_acc), _epochs(r), _num(r.wall_time_s, ".1f"),
-                 _num(r.images_per_s, ".0f"), r.status]
+                 _num(r.images_per_s, ".0f"), r.status, f"`{r.job}`"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

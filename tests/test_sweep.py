@@ -315,8 +315,19 @@ def test_report_on_a_partly_failed_running_sweep(tmp_path):
     md = (sweep / "results.md").read_text()
     assert "6 jobs: 4 done, 1 failed, 1 running" in md
     assert "`model=mobilenet_v1,res=128`: failed: RuntimeError: Output size is too small" in md
+    assert "| done | `model=mobilenet_v2,res=96` |" in md  # rows name their job
     for plot in PLOTS:
         assert (sweep / plot).stat().st_size > 5000 and f"]({plot})" in md
+
+
+def test_pareto_front_keeps_exact_ties():
+    from types import SimpleNamespace
+
+    from cnn_bench.sweep.results import pareto_front
+
+    rows = [SimpleNamespace(job=j, flops=f, best_val_acc=a) for j, f, a in
+            [("a", 100, 0.9), ("b", 100, 0.9), ("c", 200, 0.9), ("d", 50, 0.5), ("e", 100, 0.8)]]
+    assert [r.job for r in pareto_front(rows)] == ["d", "a", "b"]  # c and e are dominated
 
 
 def test_report_cli_errors_are_one_line(tmp_path):
@@ -374,6 +385,15 @@ def test_local_gpus_launcher_on_cpu_runs_jobs_in_parallel_and_isolates_failures(
     assert "Traceback" in (fail["dir"] / "worker.log").read_text()  # the details stay in the job
     out = capsys.readouterr().out
     assert "3 jobs: 1 done, 2 failed" in out and "this job fails on purpose" in out
+
+
+def test_local_gpus_launcher_cpu_threads_wins_over_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")  # inherited; the explicit option must win
+    sweep = tmp_path / "sweep"
+    multirun(sweep, ["hydra/launcher=local_gpus", "hydra.launcher.cpu_threads=1", "+case=ok",
+                     "+meet=[ok]"], task=meeting_task)
+    assert worker_record(sweep, "ok")["omp"] == "1"
 
 
 def test_local_gpus_launcher_pins_each_job_to_its_own_gpu(tmp_path, monkeypatch):

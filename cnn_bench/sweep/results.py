@@ -168,12 +168,14 @@ def collect(sweep_dir: str | Path) -> list[JobRow]:
 
 
 def pareto_front(rows: list[JobRow], x: str = "flops", y: str = "best_val_acc") -> list[JobRow]:
-    """Rows no other row beats on both axes (fewer ``x`` and higher ``y``), sorted by ``x``."""
+    """Rows no other row beats on both axes (fewer ``x`` and higher ``y``), sorted by ``x``;
+    exact ties (same ``x`` and ``y``) are all kept: neither dominates the other."""
     pts = sorted((r for r in rows if getattr(r, x) is not None and getattr(r, y) is not None),
                  key=lambda r: (getattr(r, x), -getattr(r, y)))
     front, best = [], -math.inf
     for r in pts:
-        if getattr(r, y) > best:
+        if getattr(r, y) > best or (front and (getattr(r, x), getattr(r, y))
+                                    == (getattr(front[-1], x), getattr(front[-1], y))):
             front.append(r)
             best = getattr(r, y)
     return front

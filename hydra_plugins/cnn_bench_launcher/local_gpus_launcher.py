@@ -187,7 +187,12 @@ class LocalGpusLauncher(Launcher):
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpu
         else:
-            env.setdefault("OMP_NUM_THREADS", str(threads))  # two jobs must not each take every core
+            # Two jobs must not each take every core. An explicit cpu_threads wins over an
+            # inherited OMP_NUM_THREADS; the default (cores / n_jobs) does not.
+            if self.cpu_threads:
+                env["OMP_NUM_THREADS"] = str(threads)
+            else:
+                env.setdefault("OMP_NUM_THREADS", str(threads))
         job.dir.mkdir(parents=True, exist_ok=True)
         where = f"GPU {gpu}" if gpu is not None else "CPU"
         log.info("\t#%d start on %s: %s", job.idx, where, " ".join(filter_overrides(job.overrides)))
@@ -210,10 +215,10 @@ class LocalGpusLauncher(Launcher):
                 ret = pickle.load(f)
             if isinstance(ret, JobReturn):
                 return ret
-        from cnn_bench.sweep.status import FAILED, write_status
+        from cnn_bench.sweep.status import FAILED, INTERRUPTED, read_status, write_status
 
-        reason = _died(code)
-        write_status(job.dir, FAILED, reason=f"{reason}; see worker.log")
+        if read_status(job.dir).get("status") != INTERRUPTED:  # Ctrl-C: the worker said so
+            write_status(job.dir, FAILED, reason=f"{_died(code)}; see worker.log")
         ret = JobReturn(overrides=job.overrides, hydra_cfg=job.config, working_dir=str(job.dir),
                         cfg=OmegaConf.masked_copy(job.config, [k for k in job.config if k != "hydra"]))
         # Recorded as failed in status.json; COMPLETED keeps the sweeper from aborting the sweep.
