@@ -8,6 +8,7 @@ import re
 import shutil
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from cnn_bench.config import CONF_DIR, validate
 from cnn_bench.errors import CnnBenchError, did_you_mean
@@ -166,7 +167,15 @@ def name_jobs_by_swept_keys(argv: list[str], config_name: str) -> list[str]:
         return argv
     parsed = OverridesParser.create().parse_overrides(args.overrides)
     if not any(ov.is_sweep_override() for ov in parsed):
-        return argv
+        # A sweep may come from the config instead (hydra.sweeper.params, e.g. an experiment
+        # file): its fixed command-line overrides would make names past the 255-byte limit too.
+        try:
+            params = compose_config(config_name, args.overrides, with_hydra=True).hydra.sweeper.get(
+                "params")
+        except Exception:  # noqa: BLE001  (Hydra reports its own composition errors)
+            return argv
+        if not params:
+            return argv
     fixed = [ov.key_or_group for ov in parsed
              if not ov.is_sweep_override() and not ov.key_or_group.startswith("hydra")]
     if any(ov.key_or_group == "hydra.job.config.override_dirname.exclude_keys" for ov in parsed):
@@ -177,9 +186,51 @@ def name_jobs_by_swept_keys(argv: list[str], config_name: str) -> list[str]:
     return [*argv, f"hydra.job.config.override_dirname.exclude_keys=[{','.join(keys)}]"]
 
 
+# Overrides that do not change what a job computes (conf/config.yaml's exclude_keys).
+_NOT_SETTINGS = ("dataset.root", "output_dir", "trainer.resume", "trainer.progress")
+
+
+def _fixed_settings(overrides: list[str]) -> dict[str, str]:
+    """``key -> value`` of the overrides that fix a job's settings: not swept, not ``hydra``."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    fixed = {}
+    for ov in OverridesParser.create().parse_overrides(overrides):
+        key, _, value = ov.input_line.partition("=")
+        key = key.lstrip("+~")
+        if not ov.is_sweep_override() and not key.startswith("hydra") and key not in _NOT_SETTINGS:
+            fixed[key] = value
+    return fixed
+
+
+def check_sweep_dir(argv: list[str]) -> None:
+    """A sweep into a ``hydra.sweep.dir`` that holds an earlier sweep must fix the same settings.
+
+    Jobs are named by what varies (:func:`name_jobs_by_swept_keys`) and a finished job is
+    skipped, so a second sweep there with, say, another fixed resolution would take the first
+    sweep's jobs as its own. The same command (to resume) or more swept values (to extend) pass.
+    """
+    from hydra._internal.utils import get_args_parser
+    from omegaconf import OmegaConf
+
+    args = get_args_parser().parse_args(argv)
+    dirs = [o.partition("=")[2] for o in args.overrides if o.startswith("hydra.sweep.dir=")]
+    if not args.multirun or not dirs or not (Path(dirs[-1]) / "multirun.yaml").is_file():
+        return  # the default sweep dir is a new timestamped folder
+    before = _fixed_settings(list(OmegaConf.load(Path(dirs[-1]) / "multirun.yaml").hydra.overrides.task))
+    now = _fixed_settings(args.overrides)
+    if before != now:
+        diff = ", ".join(f"{k}: {before.get(k, '(unset)')} -> {now.get(k, '(unset)')}"
+                         for k in sorted(before.keys() | now.keys()) if before.get(k) != now.get(k))
+        fail(f"hydra.sweep.dir={dirs[-1]} holds a sweep with other fixed settings ({diff}); its "
+             f"finished jobs would be taken as this sweep's: use a new hydra.sweep.dir, or the "
+             f"same fixed settings to resume or extend that sweep")
+
+
 def launch(hydra_main: Callable[[], None], config_name: str = "config") -> None:
     """Check ``sys.argv`` for user mistakes, then hand over to the ``@hydra.main`` function."""
     check_command_line(sys.argv[1:], config_name)
+    check_sweep_dir(sys.argv[1:])
     sys.argv[1:] = name_jobs_by_swept_keys(sys.argv[1:], config_name)
     try:
         hydra_main()

@@ -251,6 +251,41 @@ def test_job_names_leave_out_paths_and_swept_paths_are_refused():
     assert problem and problem.startswith("dataset.root takes several values")
 
 
+def test_experiment_sweeps_also_name_jobs_by_what_varies():
+    # The sweep is in the experiment file (hydra.sweeper.params): fixed command-line overrides
+    # must still stay out of the job names (a dozen of them passed the 255-byte name limit).
+    fixed = ["experiment=mobilenet_sweep", "dataset.root=/data/a", "trainer.epochs=1",
+             "trainer.batch_size=8", "optimizer.lr=0.001", "trainer.ema_decay=0.999"]
+    (extra,) = [o for o in named(fixed) if o not in fixed]
+    keys = extra.split("=", 1)[1].strip("[]").split(",")
+    assert {"experiment", "trainer.epochs", "trainer.batch_size", "optimizer.lr",
+            "trainer.ema_decay"} <= set(keys)
+    assert named(["dataset.root=/data/a", "trainer.epochs=1"]) == [
+        "dataset.root=/data/a", "trainer.epochs=1"]  # no sweep at all: names left to Hydra
+
+
+def test_a_sweep_with_other_fixed_settings_into_an_earlier_sweep_dir_is_refused(tmp_path, capsys):
+    # Jobs are named by what varies, and finished ones are skipped: a second sweep at another
+    # resolution in the same folder would have reported the first sweep's jobs as its own.
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    earlier = ["model=speednet_s", "dataset.resolution=32", "model.width_mult=1.0,0.5",
+               "trainer.progress=false"]
+    (sweep / "multirun.yaml").write_text(OmegaConf.to_yaml({"hydra": {"overrides": {"task": earlier}}}))
+    argv = ["-m", f"hydra.sweep.dir={sweep}"]
+    cli.check_sweep_dir([*argv, *earlier])  # the same sweep again: resume
+    cli.check_sweep_dir([*argv, "model=speednet_s", "dataset.resolution=32",
+                         "model.width_mult=1.0,0.5,0.25"])  # more values: extend
+    with pytest.raises(SystemExit):
+        cli.check_sweep_dir([*argv, "model=speednet_s", "dataset.resolution=40",
+                             "model.width_mult=1.0,0.5"])
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: hydra.sweep.dir={sweep} holds a sweep with other fixed "
+                          "settings (dataset.resolution: 32 -> 40)") and "\n" not in err
+    cli.check_sweep_dir(["-m", f"hydra.sweep.dir={tmp_path / 'new'}", "dataset.resolution=40",
+                         "model.width_mult=1.0,0.5"])  # a new folder: nothing to compare
+
+
 # ---------------------------------------------------------------- the report on fabricated jobs
 
 def fake_job(job: Path, status: str | None, model: str = "mobilenet_v2", width: float = 1.0,
