@@ -244,6 +244,7 @@ def run(cfg: DictConfig) -> dict:
                   "train/loss": train_m["loss"], "train/acc": train_m["acc"],
                   "val/loss": val_m["loss"], "val/acc": val_m["acc"],
                   "lr": base_lr(optimizer), "epoch_time_s": train_m["seconds"],
+                  "val_time_s": val_m.get("seconds"),
                   "train/images_per_s": train_m["images"] / max(train_m["seconds"], 1e-9)}
         if state.epoch == first_epoch:
             record["compile_s"] = compile_s  # TensorBoard tag compile_s, like epoch_time_s

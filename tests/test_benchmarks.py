@@ -75,7 +75,8 @@ def test_time_to_accuracy_smoke(tiny_folder, tmp_path):
     rows = {r[0]: r for r in _table_rows(out.read_text())}
     assert set(rows) == {"cifar10_resnet18", "cifar10_speedrun"}
     for r in rows.values():
-        assert r[1] == "1" and r[2] == "1/1" and r[5] == "1" and r[-1] == "-", r
+        assert r[1] == "1" and r[2] == "1/1" and r[6] == "1" and r[-1] == "-", r
+        assert float(r[5].split()[0]) > float(r[4].split()[0])  # + the evaluation's time
     # epoch_table.py puts the two runs' curves side by side (their metrics.jsonl epoch records).
     work = tmp_path / "work"
     curves = tmp_path / "curves.md"
@@ -103,11 +104,11 @@ def test_help(module, capsys):
 
 
 def test_first_reaching_counts_training_time_up_to_the_target():
-    records = [{"epoch": 1, "val/acc": 0.5, "epoch_time_s": 2.0},
-               {"epoch": 2, "val/acc": 0.95, "epoch_time_s": 3.0},
-               {"epoch": 3, "val/acc": 0.96, "epoch_time_s": 4.0}]
-    assert time_to_accuracy.first_reaching(records, 0.94) == (2, 5.0)
-    assert time_to_accuracy.first_reaching(records, 0.99) == (None, None)
+    records = [{"epoch": 1, "val/acc": 0.5, "epoch_time_s": 2.0, "val_time_s": 0.5},
+               {"epoch": 2, "val/acc": 0.95, "epoch_time_s": 3.0, "val_time_s": 0.25},
+               {"epoch": 3, "val/acc": 0.96, "epoch_time_s": 4.0, "val_time_s": 0.5}]
+    assert time_to_accuracy.first_reaching(records, 0.94) == (2, 5.0, 5.75)
+    assert time_to_accuracy.first_reaching(records, 0.99) == (None, None, None)
 
 
 def test_timm_row_parsing_and_skip_reasons(tmp_path, monkeypatch):
