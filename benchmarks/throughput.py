@@ -197,7 +197,10 @@ def bench_spec(spec: Spec, args) -> tuple[list[list[str]], str, dict]:
                  # cheap next to a step; what remains is the trainer's own per-step work.
                  "scheduler=none", "augmentation=none"]
     if args.data != "synthetic":
+        # val_fraction=0: every train/ image trains, and the decoded-data cache is the one
+        # time_to_accuracy.py's runs fill (the split's file list is part of its key)
         overrides += ["dataset=imagefolder", f"dataset.root={args.data}", "dataset.in_memory=true",
+                      "dataset.val_fraction=0",
                       f"dataset.mean={list(common.IMAGENET_MEAN)}",
                       f"dataset.std={list(common.IMAGENET_STD)}"]
         # dataset=... must come before the dataset.* keys it resets

@@ -261,6 +261,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.train_per_class or args.test_per_class:
         data = common.make_subset(data, work / "subset", {"train": args.train_per_class,
                                                           args.val_split: args.test_per_class})
+    elif args.val_split != "val" and any((data / d).is_dir() for d in ("val", "validation", "valid")):
+        # cnn_bench validates on val/ when there is one: a view with only train/ and the
+        # --val-split folder makes it evaluate what the other runners evaluate
+        data = common.make_subset(data, work / "view", {"train": None, args.val_split: None})
     env = {"CNN_BENCH_CACHE": str(work / "cnn_bench_cache"), "HYDRA_FULL_ERROR": "1"}
     if args.threads:
         env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
@@ -292,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     n_val = sum(1 for _ in (data / args.val_split).rglob("*") if _.is_file())
     header = [f"### Whole-process wall time: cnn_bench vs hand-written vs timm ({args.model}, "
               f"{args.epochs} epochs)", "",
-              *[f"- {ln}" for ln in common.machine_lines(threads=args.threads)],
+              *[f"- {ln}" for ln in common.machine_lines("cuda" if cuda else None,
+                                                          threads=args.threads)],
               f"- `{common.command_line()}`",
               f"- work: {args.model} ({args.source}) at {args.resolution} px, {n_train:,} train / "
               f"{n_val:,} {args.val_split} images, {args.epochs} epochs, batch {args.batch_size} "

@@ -66,6 +66,12 @@ def test_vs_timm_smoke_without_timm(tiny_folder, tmp_path):
         assert wall > 0 and 0 <= acc <= 1, rows[name]
     assert rows["timm train.py"][2].startswith("skipped")
     assert "CPU target" in out.read_text()
+    # The folder has val/ too: cnn_bench must evaluate test/ after every epoch, as the others do
+    # (its summary then has no separate test_acc), through a view without val/.
+    summary = json.loads((tmp_path / "work" / "runs" / "cnn-bench-0" / "summary.json").read_text())
+    assert summary["test_acc"] is None
+    assert summary["final_val_acc"] == pytest.approx(float(rows["cnn_bench"][5]), abs=5e-5)
+    assert not (tmp_path / "work" / "view" / "val").exists()
 
 
 def test_time_to_accuracy_smoke(tiny_folder, tmp_path):
@@ -298,3 +304,20 @@ def test_gpu_checks_smoke_writes_one_report(tiny_folder, tmp_path):
          "--only", "g3_speedrun", "--budget", "0", "--out-dir", str(out))
     assert "## g3_speedrun: skipped" in (out / "report.md").read_text()
     assert "not started: 0 s of the budget left" in (out / "report.md").read_text()
+
+
+def test_gpu_checks_step_past_the_budget_takes_its_children_along(tmp_path):
+    # A stopped step's own children (time_to_accuracy's train.py runs) must not keep running.
+    import time
+
+    from benchmarks import gpu_checks
+
+    marker = tmp_path / "grandchild_ran"
+    child = f"import time, pathlib; time.sleep(2); pathlib.Path({str(marker)!r}).touch()"
+    argv = [sys.executable, "-c", "import subprocess, sys, time; subprocess.Popen([sys.executable, "
+            f"'-c', {child!r}]); print('started', flush=True); time.sleep(30)"]
+    code, output = gpu_checks._run(argv, 1.0)
+    assert code is None and output == "started\n"
+    time.sleep(2.5)
+    assert not marker.exists()
+    assert gpu_checks._run([sys.executable, "-c", "print('hi')"], 30) == (0, "hi\n")
