@@ -365,6 +365,23 @@ def test_pareto_front_keeps_exact_ties():
     assert [r.job for r in pareto_front(rows)] == ["d", "a", "b"]  # c and e are dominated
 
 
+def test_heatmap_averages_jobs_that_share_a_cell():
+    # Two seeds of the same model, width and resolution: one cell, their mean, marked n=2
+    # (a later job used to overwrite the earlier one's cell).
+    from types import SimpleNamespace
+
+    from cnn_bench.sweep.plots import heatmap_cells
+
+    def row(width, res, acc, status=DONE):
+        return SimpleNamespace(width=width, resolution=res, best_val_acc=acc, status=status)
+
+    rows = [row(1.0, 96, 1.0), row(1.0, 96, 0.0), row(0.5, 96, 0.5, "running"),
+            row(0.5, 128, None, FAILED)]
+    grid, notes = heatmap_cells(rows, [1.0, 0.5], [96, 128])
+    assert grid[0][0] == 50.0 and notes[0][0] == "50.0 (n=2)"
+    assert notes[1][0] == "50.0*" and notes[1][1] == FAILED and notes[0][1] == ""
+
+
 def test_report_cli_errors_are_one_line(tmp_path):
     p = subprocess.run([sys.executable, "-m", "cnn_bench.report", str(tmp_path / "missing")],
                        cwd=ROOT, capture_output=True, text=True, timeout=60)

@@ -120,8 +120,30 @@ def acc_vs_params(rows: list[JobRow]) -> Figure:
                    "Accuracy vs parameters (point labels: width multiplier)")
 
 
+def heatmap_cells(rows: list[JobRow], widths: list, ress: list) -> tuple[list, list]:
+    """(grid of best val accuracy in %, cell labels) for one model's rows: jobs that share a
+    cell (seeds, other settings) are averaged, their count shown as ``(n=2)``; ``*`` marks a
+    cell with an unfinished job; a cell with no accuracy yet shows its job's status."""
+    cells: dict[tuple[int, int], list[JobRow]] = {}
+    for r in rows:
+        if r.resolution is not None:
+            cells.setdefault((widths.index(r.width), ress.index(r.resolution)), []).append(r)
+    grid = [[math.nan] * len(ress) for _ in widths]
+    notes = [[""] * len(ress) for _ in widths]
+    for (i, j), group in cells.items():
+        accs = [100 * r.best_val_acc for r in group if r.best_val_acc is not None]
+        if not accs:
+            notes[i][j] = group[0].status
+            continue
+        grid[i][j] = sum(accs) / len(accs)
+        notes[i][j] = (f"{grid[i][j]:.1f}" + (f" (n={len(accs)})" if len(accs) > 1 else "")
+                       + ("" if all(r.status == DONE for r in group) else "*"))
+    return grid, notes
+
+
 def width_resolution_heatmap(rows: list[JobRow]) -> Figure:
-    """Per model, a width x resolution grid of best val accuracy (%) on one shared colour scale."""
+    """Per model, a width x resolution grid of best val accuracy (%) on one shared colour scale
+    (jobs in the same cell averaged: see :func:`heatmap_cells`)."""
     models = sorted({r.model for r in rows if r.model})
     fig = Figure(figsize=(max(4.5, 4.2 * len(models)), 4), dpi=_DPI)
     if not models:
@@ -135,17 +157,7 @@ def width_resolution_heatmap(rows: list[JobRow]) -> Figure:
         mine = [r for r in rows if r.model == model]
         widths = sorted({r.width for r in mine}, reverse=True)
         ress = sorted({r.resolution for r in mine if r.resolution is not None})
-        grid = [[math.nan] * len(ress) for _ in widths]
-        notes = [[""] * len(ress) for _ in widths]
-        for r in mine:
-            if r.resolution is None:
-                continue
-            i, j = widths.index(r.width), ress.index(r.resolution)
-            if r.best_val_acc is not None:
-                grid[i][j] = 100 * r.best_val_acc
-                notes[i][j] = f"{grid[i][j]:.1f}" + ("" if r.status == DONE else "*")
-            else:
-                notes[i][j] = r.status
+        grid, notes = heatmap_cells(mine, widths, ress)
         image = ax.imshow(grid, cmap="viridis", vmin=vmin, vmax=vmax if vmax > vmin else vmin + 1,
                           aspect="auto")
         for i in range(len(widths)):
