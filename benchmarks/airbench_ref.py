@@ -22,6 +22,8 @@ untimed), read from the table ``train94`` prints. On CPU: whitening init + train
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import sys
 import tempfile
@@ -162,9 +164,6 @@ def run_seed(files: Path, seed: int, epochs: float, batch_size: int, device: tor
     torch.manual_seed(seed)
     a94, utils = _airbench()
     if device.type == "cuda":
-        import contextlib
-        import io
-
         cwd = os.getcwd()
         os.chdir(files.parent)  # airbench reads ./cifar10/{train,test}.pt
         try:

@@ -63,12 +63,13 @@ def _script(name: str, *args: str) -> list[str]:
     return [sys.executable, str(BENCH / name), *args]
 
 
-def _throughput(specs: list[str], *extra: str):
+def _throughput(specs: list[str], *extra: str, real_data: bool = False):
     def argv(data: Path, out: Path, smoke: bool) -> list[str]:
+        args = [*extra, *(["--data", str(data)] if real_data else [])]
         if smoke:
-            return _script("throughput.py", "--smoke", "speednet_s:16:8", *extra, "--out", str(out))
+            return _script("throughput.py", "--smoke", "speednet_s:16:8", *args, "--out", str(out))
         return _script("throughput.py", *specs, "--steps", "30", "--warmup-steps", "10",
-                       "--eval-steps", "10", "--repeats", "3", *extra, "--out", str(out))
+                       "--eval-steps", "10", "--repeats", "3", *args, "--out", str(out))
     return argv
 
 
@@ -112,7 +113,7 @@ STEPS = [
     Step("g3_speedrun", "cifar10_speedrun: time to 94%, 1 seed (target <= 10 s)", 150,
          _to_accuracy("cifar10_speedrun")),
     Step("g2_cifar", "the CIFAR recipes' models on GPU-resident real data: img/s, data % of step",
-         80, _throughput(["speednet:32:1024:bf16", "resnet18:32:512:bf16"], "--data", "{data}")),
+         80, _throughput(["speednet:32:1024:bf16", "resnet18:32:512:bf16"], real_data=True)),
     Step("airbench", "airbench94 itself on the same JPEGs, 1 seed (the peer)", 90, _airbench,
          needs=("airbench",)),
     Step("g3_resnet18", "cifar10_resnet18: time to 94%, 1 seed (target <= 90 s)", 240,
@@ -209,7 +210,7 @@ def run_steps(steps: list[Step], data: Path, out_dir: Path, budget: float, smoke
             sections.append(f"## {step.name}: skipped\n\n{step.measures}. {reason}.")
         else:
             md = work / f"{step.name}.md"
-            argv = [a.replace("{data}", str(data)) for a in step.argv(data, md, smoke)]
+            argv = step.argv(data, md, smoke)
             start = time.perf_counter()
             code, output = _run(argv, left)
             status = ("ok" if code == 0 else f"exit {code}" if code is not None

@@ -59,6 +59,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 from benchmarks import common
 from benchmarks.timm_script import (TIMM_LAUNCHER, TIMM_TIMES, parse_timm, script_has_option,
                                      timm_missing)
+from cnn_bench.data.imagefolder import VAL_DIRS
 
 HANDWRITTEN_PY = Path(__file__).resolve().parent / "handwritten.py"
 
@@ -261,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.train_per_class or args.test_per_class:
         data = common.make_subset(data, work / "subset", {"train": args.train_per_class,
                                                           args.val_split: args.test_per_class})
-    elif args.val_split != "val" and any((data / d).is_dir() for d in ("val", "validation", "valid")):
+    elif args.val_split not in VAL_DIRS and any((data / d).is_dir() for d in VAL_DIRS):
         # cnn_bench validates on val/ when there is one: a view with only train/ and the
         # --val-split folder makes it evaluate what the other runners evaluate
         data = common.make_subset(data, work / "view", {"train": None, args.val_split: None})

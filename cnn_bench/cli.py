@@ -166,41 +166,30 @@ def name_jobs_by_swept_keys(argv: list[str], config_name: str) -> list[str]:
     if not args.multirun or args.config_dir or args.config_path:
         return argv
     parsed = OverridesParser.create().parse_overrides(args.overrides)
-    if not any(ov.is_sweep_override() for ov in parsed):
+    if any(ov.key_or_group == "hydra.job.config.override_dirname.exclude_keys" for ov in parsed):
+        return argv  # the user chose the names
+    if any(ov.is_sweep_override() for ov in parsed):
+        hydra_cfg = compose_config(config_name, [], with_hydra=True).hydra
+    else:
         # A sweep may come from the config instead (hydra.sweeper.params, e.g. an experiment
         # file): its fixed command-line overrides would make names past the 255-byte limit too.
         try:
-            params = compose_config(config_name, args.overrides, with_hydra=True).hydra.sweeper.get(
-                "params")
+            hydra_cfg = compose_config(config_name, args.overrides, with_hydra=True).hydra
         except Exception:  # noqa: BLE001  (Hydra reports its own composition errors)
             return argv
-        if not params:
+        if not hydra_cfg.sweeper.get("params"):
             return argv
-    fixed = [ov.key_or_group for ov in parsed
-             if not ov.is_sweep_override() and not ov.key_or_group.startswith("hydra")]
-    if any(ov.key_or_group == "hydra.job.config.override_dirname.exclude_keys" for ov in parsed):
-        return argv  # the user chose the names
-    hydra_cfg = compose_config(config_name, [], with_hydra=True).hydra
     keys = list(hydra_cfg.job.config.override_dirname.exclude_keys)
-    keys += [k for k in fixed if k not in keys]
+    keys += [k for k in _fixed_settings(parsed) if k not in keys]
     return [*argv, f"hydra.job.config.override_dirname.exclude_keys=[{','.join(keys)}]"]
 
 
-# Overrides that do not change what a job computes (conf/config.yaml's exclude_keys).
-_NOT_SETTINGS = ("dataset.root", "output_dir", "trainer.resume", "trainer.progress")
-
-
-def _fixed_settings(overrides: list[str]) -> dict[str, str]:
-    """``key -> value`` of the overrides that fix a job's settings: not swept, not ``hydra``."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    fixed = {}
-    for ov in OverridesParser.create().parse_overrides(overrides):
-        key, _, value = ov.input_line.partition("=")
-        key = key.lstrip("+~")
-        if not ov.is_sweep_override() and not key.startswith("hydra") and key not in _NOT_SETTINGS:
-            fixed[key] = value
-    return fixed
+def _fixed_settings(parsed, ignore=()) -> dict[str, str]:
+    """``key -> value`` of the parsed overrides that fix a job's settings: not swept, not
+    ``hydra``, not in ``ignore``."""
+    return {ov.key_or_group: ov.input_line.partition("=")[2] for ov in parsed
+            if not ov.is_sweep_override() and not ov.key_or_group.startswith("hydra")
+            and ov.key_or_group not in ignore}
 
 
 def check_sweep_dir(argv: list[str]) -> None:
@@ -211,14 +200,19 @@ def check_sweep_dir(argv: list[str]) -> None:
     sweep's jobs as its own. The same command (to resume) or more swept values (to extend) pass.
     """
     from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
     args = get_args_parser().parse_args(argv)
     dirs = [o.partition("=")[2] for o in args.overrides if o.startswith("hydra.sweep.dir=")]
     if not args.multirun or not dirs or not (Path(dirs[-1]) / "multirun.yaml").is_file():
         return  # the default sweep dir is a new timestamped folder
-    before = _fixed_settings(list(OmegaConf.load(Path(dirs[-1]) / "multirun.yaml").hydra.overrides.task))
-    now = _fixed_settings(args.overrides)
+    # keys that do not change what a job computes: the config's own exclude_keys
+    ignore = set(OmegaConf.load(CONF_DIR / "config.yaml").hydra.job.config.override_dirname.exclude_keys)
+    parser = OverridesParser.create()
+    earlier = OmegaConf.load(Path(dirs[-1]) / "multirun.yaml").hydra.overrides.task
+    before = _fixed_settings(parser.parse_overrides(list(earlier)), ignore)
+    now = _fixed_settings(parser.parse_overrides(args.overrides), ignore)
     if before != now:
         diff = ", ".join(f"{k}: {before.get(k, '(unset)')} -> {now.get(k, '(unset)')}"
                          for k in sorted(before.keys() | now.keys()) if before.get(k) != now.get(k))

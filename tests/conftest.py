@@ -88,21 +88,26 @@ def tiny_overrides(root: Path, out: Path, *extra: str) -> list[str]:
     ]
 
 
+def interrupting(real, on_call: int):
+    """``real`` wrapped to raise KeyboardInterrupt at its ``on_call``-th call (a pre-emption)."""
+    calls = {"n": 0}
+
+    def wrapper(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == on_call:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    return wrapper
+
+
 def interrupt_after_first_epoch(monkeypatch, start) -> None:
     """Call ``start()`` (a training run) with its second epoch raising KeyboardInterrupt, as a
     pre-emption after epoch 1 would; the trainer is restored afterwards."""
     import cnn_bench.train as train_mod
 
     real = train_mod.train_one_epoch
-    calls = {"n": 0}
-
-    def interrupted(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(train_mod, "train_one_epoch", interrupted)
+    monkeypatch.setattr(train_mod, "train_one_epoch", interrupting(real, 2))
     with pytest.raises(KeyboardInterrupt):
         start()
     monkeypatch.setattr(train_mod, "train_one_epoch", real)

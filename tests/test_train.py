@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 import cnn_bench.train as train_mod
 from cnn_bench import evaluate as evaluate_mod
 from cnn_bench.checkpoint import load_checkpoint
-from conftest import compose_config, interrupt_after_first_epoch, tiny_overrides
+from conftest import compose_config, interrupt_after_first_epoch, interrupting, tiny_overrides
 
 SUMMARY_KEYS = {"model", "dataset", "resolution", "params", "flops", "epochs", "best_val_acc",
                 "best_epoch", "final_val_acc", "test_acc", "wall_time_s", "train_images_per_s",
@@ -145,20 +145,14 @@ def test_resume_relinks_best_after_an_interrupted_link(tiny_folder, tmp_path, mo
     # Validation improves every epoch; the run is interrupted after writing epoch 2's last.pt,
     # before best.pt is linked to it. Resuming must not leave best.pt at epoch 1.
     real_eval, real_link = train_mod.evaluate, train_mod.atomic_link
-    calls = {"eval": 0, "link": 0}
+    evals = []
 
     def improving(*a, **k):
-        calls["eval"] += 1
-        return {**real_eval(*a, **k), "acc": 0.1 * calls["eval"]}
-
-    def link(*a, **k):
-        calls["link"] += 1
-        if calls["link"] == 2:
-            raise KeyboardInterrupt
-        return real_link(*a, **k)
+        evals.append(1)
+        return {**real_eval(*a, **k), "acc": 0.1 * len(evals)}
 
     monkeypatch.setattr(train_mod, "evaluate", improving)
-    monkeypatch.setattr(train_mod, "atomic_link", link)
+    monkeypatch.setattr(train_mod, "atomic_link", interrupting(real_link, 2))
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         train_mod.run(compose_config(tiny_overrides(tiny_folder, out)))

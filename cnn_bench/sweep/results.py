@@ -172,12 +172,12 @@ def pareto_front(rows: list[JobRow], x: str = "flops", y: str = "best_val_acc") 
     exact ties (same ``x`` and ``y``) are all kept: neither dominates the other."""
     pts = sorted((r for r in rows if getattr(r, x) is not None and getattr(r, y) is not None),
                  key=lambda r: (getattr(r, x), -getattr(r, y)))
-    front, best = [], -math.inf
+    front, best, last = [], -math.inf, None
     for r in pts:
-        if getattr(r, y) > best or (front and (getattr(r, x), getattr(r, y))
-                                    == (getattr(front[-1], x), getattr(front[-1], y))):
+        point = (getattr(r, x), getattr(r, y))
+        if point[1] > best or point == last:
             front.append(r)
-            best = getattr(r, y)
+            best, last = point[1], point
     return front
 
 
