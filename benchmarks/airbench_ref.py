@@ -64,6 +64,11 @@ def write_airbench_files(root: Path, dest: Path, limit: int | None = None) -> Pa
         files = [(f, i) for i, c in enumerate(classes) for f in sorted((root / split / c).iterdir())]
         if limit is not None:
             files = files[:: max(1, len(files) // limit)][:limit]
+        if split == "train":
+            # airbench whitens from images[:5000]; in class order those are all airplanes.
+            # torchvision's CIFAR-10 order mixes the classes: so does a fixed shuffle.
+            perm = torch.randperm(len(files), generator=torch.Generator().manual_seed(0))
+            files = [files[i] for i in perm.tolist()]
         images = [np.asarray(Image.open(f).convert("RGB")) for f, _ in files]
         if any(im.shape != (32, 32, 3) for im in images):
             sys.exit(f"airbench_ref.py: {root / split} must hold 32x32 images (CIFAR-10)")
@@ -196,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="also write the markdown table here")
     args = p.parse_args(argv)
     device = common.pick_device("cpu" if args.smoke else args.device)
-    files = write_airbench_files(args.data, args.workdir / ("smoke" if args.smoke else "full") /
+    files = write_airbench_files(args.data, args.workdir / ("smoke" if args.smoke else "full-mixed") /
                                  "cifar10", limit=512 if args.smoke else None)
     batch_size, steps = (16, 3) if args.smoke else (1024, None)
     rows = []

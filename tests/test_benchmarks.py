@@ -228,6 +228,22 @@ def test_airbench_seconds_reads_its_own_timer():
         airbench_seconds(AIRBENCH_TABLE.splitlines()[3])
 
 
+def test_airbench_files_mix_the_classes(tmp_path):
+    # airbench whitens from train images[:5000]; written in class order those were all one
+    # class (CIFAR-10's airplanes), unlike torchvision's CIFAR-10 order.
+    import torch
+
+    from benchmarks.airbench_ref import write_airbench_files
+    from datagen import make_imagefolder
+
+    data = make_imagefolder(tmp_path / "data", per_class=12, size=(32, 32), splits=("train", "test"))
+    dest = write_airbench_files(data, tmp_path / "ab")
+    train = torch.load(dest / "train.pt", weights_only=True)
+    assert sorted(train["labels"].tolist()) == [0] * 12 + [1] * 12 + [2] * 12
+    assert set(train["labels"][:12].tolist()) == {0, 1, 2}  # the first third holds every class
+    assert train["labels"].tolist() != sorted(train["labels"].tolist())
+
+
 @pytest.mark.skipif(importlib.util.find_spec("airbench") is None,
                     reason="needs airbench installed (pip install airbench==0.1.8)")
 def test_airbench_ref_smoke(tmp_path):
@@ -304,6 +320,21 @@ def test_gpu_checks_smoke_writes_one_report(tiny_folder, tmp_path):
          "--only", "g3_speedrun", "--budget", "0", "--out-dir", str(out))
     assert "## g3_speedrun: skipped" in (out / "report.md").read_text()
     assert "not started: 0 s of the budget left" in (out / "report.md").read_text()
+
+
+def test_gpu_checks_uses_the_carried_timm_script(tiny_folder, tmp_path):
+    # --prepare copies $TIMM_TRAIN_SCRIPT into .gpu/ (the GPU machine cannot download it);
+    # there, with no $TIMM_TRAIN_SCRIPT set, the carried copy is the one G4 uses.
+    gpu = tmp_path / "gpu"
+    gpu.mkdir()
+    (gpu / "timm_train.py").write_text("print('timm')\n")
+    out = tmp_path / "out"
+    _run("gpu_checks.py", "--smoke", "--data", str(tiny_folder), "--wheels", str(tmp_path / "none"),
+         "--data-tar", str(gpu / "cifar10-jpeg.tar.xz"), "--only", "g4_timm", "--budget", "0",
+         "--out-dir", str(out))
+    report = (out / "report.md").read_text()
+    assert f"- timm's train.py: {gpu / 'timm_train.py'}" in report
+    assert "is not set" not in report
 
 
 def test_gpu_checks_step_past_the_budget_takes_its_children_along(tmp_path):
