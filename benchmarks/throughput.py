@@ -95,8 +95,8 @@ def load_data(args, cfg, rt, n_images: int):
     (and disk-cached) by cnn_bench's own ``build_data``. Returns (images, labels, classes)."""
     res = cfg.dataset.resolution
     if args.data == "synthetic":
-        images, labels = common.synthetic_uint8(n_images, res, 10, seed=0)
-        return images.to(rt.device), labels.to(rt.device), 10
+        images, labels = common.synthetic_uint8(n_images, res, 10, seed=0, device=rt.device)
+        return images, labels, 10
     from cnn_bench.data import build_data
 
     data = build_data(cfg.dataset, cfg.augmentation, batch_size=cfg.trainer.batch_size,
