@@ -11,12 +11,14 @@ Steps (``--list`` prints them with their time estimates): the CUDA tests (``test
 and the CUDA cases of ``tests/test_trainer_options.py``), ResNet-50 @224 bf16 throughput (G1),
 one seed of each CIFAR-10 recipe to 94% (G3), the CIFAR models' throughput on the real data
 (G2), airbench94 itself on the same data (G3's peer), channels_last on/off per family (G6), and
-timm's train.py (G4, only where ``$TIMM_TRAIN_SCRIPT`` names it). A step starts only while the
-budget still holds its estimate, and runs under what is left of it.
+timm's train.py (G4, only where ``$TIMM_TRAIN_SCRIPT`` names it or ``--prepare`` carried it).
+A step starts only while the budget still holds its estimate, and runs for at most twice its
+estimate or what is left of the budget.
 
 Here, once (needs the package index)::
 
     python benchmarks/gpu_checks.py --prepare     # wheels -> .whl/, CIFAR-10 JPEGs -> .gpu/
+    # with TIMM_TRAIN_SCRIPT=<timm's train.py> set, it goes to .gpu/ too and G4 runs there
 
 There, through the device tool (``carry: [".whl", ".gpu"]``, ``timeout_s`` ~ budget + 60)::
 
@@ -45,6 +47,7 @@ BENCH = REPO / "benchmarks"
 WHEELS = ["hydra-core==1.3.8", "omegaconf==2.3.1", "antlr4-python3-runtime==4.9.3",
           "airbench==0.1.8"]
 CIFAR_TAR = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.xz"
+TIMM_SCRIPT_NAME = "timm_train.py"  # timm's train.py, as --prepare copies it into .gpu/
 
 
 @dataclass
@@ -164,14 +167,20 @@ def unpack(tar: Path, dest: Path) -> Path:
 
 
 def prepare(wheels: Path, gpu_dir: Path) -> None:
-    """Here: wheels for what the GPU image lacks, and the CIFAR-10 JPEGs, into ignored folders."""
+    """Here: wheels for what the GPU image lacks, the CIFAR-10 JPEGs and, where
+    ``$TIMM_TRAIN_SCRIPT`` names it, timm's train.py (for G4) into ignored folders."""
     wheels.mkdir(exist_ok=True)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels),
                     *WHEELS], check=True)
     gpu_dir.mkdir(exist_ok=True)
     shutil.copy2(CIFAR_TAR, gpu_dir / CIFAR_TAR.name)
+    took = [CIFAR_TAR.name]
+    timm_script = os.environ.get("TIMM_TRAIN_SCRIPT")
+    if timm_script and Path(timm_script).expanduser().is_file():
+        shutil.copy2(Path(timm_script).expanduser(), gpu_dir / TIMM_SCRIPT_NAME)
+        took.append(TIMM_SCRIPT_NAME)
     print(f"wrote {', '.join(p.name for p in sorted(wheels.glob('*.whl')))} to {wheels} and "
-          f"{CIFAR_TAR.name} to {gpu_dir}; carry both")
+          f"{', '.join(took)} to {gpu_dir}; carry both")
 
 
 def _run(argv: list[str], timeout: float) -> tuple[int | None, str]:
@@ -212,9 +221,11 @@ def run_steps(steps: list[Step], data: Path, out_dir: Path, budget: float, smoke
             md = work / f"{step.name}.md"
             argv = step.argv(data, md, smoke)
             start = time.perf_counter()
-            code, output = _run(argv, left)
+            # a step that hangs (a stuck compile, say) must not take the steps after it
+            limit = min(left, 2 * step.est_s) if not smoke else left
+            code, output = _run(argv, limit)
             status = ("ok" if code == 0 else f"exit {code}" if code is not None
-                      else f"stopped at the budget ({left:.0f} s)")
+                      else f"stopped after {limit:.0f} s (twice its estimate, or the budget)")
             took = time.perf_counter() - start
             results.append((step, f"{status}, {took:.0f} s"))
             # pytest writes no report: its summary lines are the result
@@ -265,6 +276,14 @@ def main(argv: list[str] | None = None) -> int:
              + (torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device")]
     if args.wheels.is_dir():
         setup.append(install_wheels(args.wheels, Path(tempfile.gettempdir()) / "gpu_site"))
+    carried_timm = args.data_tar.parent / TIMM_SCRIPT_NAME
+    if not os.environ.get("TIMM_TRAIN_SCRIPT") and carried_timm.is_file():
+        os.environ["TIMM_TRAIN_SCRIPT"] = str(carried_timm)
+    if os.environ.get("TIMM_TRAIN_SCRIPT"):
+        setup.append(f"timm's train.py: {os.environ['TIMM_TRAIN_SCRIPT']}")
+    if Path("/dev/shm").is_dir():  # DataLoader workers hand batches over through it
+        shm = shutil.disk_usage("/dev/shm")
+        setup.append(f"/dev/shm: {shm.free / 2**30:.1f} GiB free of {shm.total / 2**30:.1f}")
     data = args.data
     if data is None:
         if not args.data_tar.is_file():
