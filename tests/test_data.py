@@ -107,6 +107,18 @@ def test_bundled_archive_with_other_test_classes_is_one_line(tmp_path):
 # --- both paths ------------------------------------------------------------------------------
 
 
+def test_auto_in_memory_leaves_half_the_gpu_free(monkeypatch):
+    # A raised max_memory_gb must not put more on a GPU than it can hold next to the model.
+    from cnn_bench.data.build import fits_on_device
+
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * gib, 80 * gib))
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert fits_on_device(4 * gib, 100, cuda) and not fits_on_device(6 * gib, 100, cuda)
+    assert fits_on_device(6 * gib, 100, cpu)            # host memory: max_memory_gb alone
+    assert not fits_on_device(4 * gib, 4, cuda)         # 4 GiB > 4 GB
+
+
 def test_memory_and_stream_give_identical_batches(folder, tmp_path):
     aug = OmegaConf.load(REPO / "conf/augmentation/seed.yaml")
     mem = build(cfg(folder, in_memory=True, cache_dir=str(tmp_path / "c1")), aug)

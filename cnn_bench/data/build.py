@@ -111,6 +111,18 @@ def _warn_skipped(failed: list[tuple[str, str]], root) -> None:
     warnings.warn(f"skipped {len(failed)} unreadable file{s}{where}: {listed}", stacklevel=3)
 
 
+def fits_on_device(decoded_bytes: int, max_memory_gb: float, device: torch.device) -> bool:
+    """``in_memory: auto``: the decoded images fit ``max_memory_gb`` (GB, 1e9 bytes) and, on a
+    GPU, half of its free memory (the rest is for the model's weights and activations; a
+    raised ``max_memory_gb`` on a small GPU would otherwise end in an out-of-memory error)."""
+    if decoded_bytes > max_memory_gb * 1e9:
+        return False
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return decoded_bytes <= free / 2
+    return True
+
+
 def build_data(data_cfg, aug_cfg, *, batch_size: int, device: torch.device | str, seed: int,
                channels_last: bool = False, eval_batch_size: int | None = None,
                train_for_eval: bool = False) -> DataBundle:
@@ -135,7 +147,7 @@ def build_data(data_cfg, aug_cfg, *, batch_size: int, device: torch.device | str
     decoded_bytes = sum(len(s) for s in splits.values()) * 3 * res * res
     in_memory = cfg["in_memory"]
     if in_memory == "auto":
-        in_memory = decoded_bytes <= float(cfg["max_memory_gb"]) * 1e9
+        in_memory = fits_on_device(decoded_bytes, float(cfg["max_memory_gb"]), device)
     cache_dir = default_cache_dir(cfg["cache_dir"])
     workers = int(cfg["num_workers"])
     common = {"device": device, "seed": seed, "channels_last": channels_last}
