@@ -15,7 +15,9 @@ They run alternately (a, b, a, b, ...), each repeat from freshly initialised wei
 seed), after untimed warm-up steps; the table gives medians and ranges over the repeats and the
 per-repeat ratio cnn_bench / plain (> 1: cnn_bench is faster). Peak memory is the CUDA
 allocator's peak on GPU, the process's peak RSS on CPU. "data %" is the time the cnn_bench
-loader alone needs per batch (index + augment + normalise, synced) over the training step time.
+loader alone needs per batch (index + augment + normalise, synced) over the training step time;
+the steps train without augmentation, and ``--loader-experiment cifar10_speedrun`` times the
+loader with that recipe's augmentation instead.
 
 Examples::
 
@@ -104,8 +106,9 @@ def load_data(args, cfg, rt, n_images: int):
     return data.train.images, data.train.labels, data.num_classes
 
 
-def run_cnn_bench(cfg, rt, images, labels, num_classes, args, seed: int) -> dict:
-    """One repeat of path (a): cnn_bench's loader, model, optimizer and loop functions."""
+def run_cnn_bench(cfg, rt, images, labels, num_classes, args, seed: int, loader_aug=None) -> dict:
+    """One repeat of path (a): cnn_bench's loader, model, optimizer and loop functions;
+    ``loader_aug`` (an augmentation config) is the one the loader-alone pass times."""
     from cnn_bench.data.augment import BatchAugment
     from cnn_bench.data.memory import MemoryLoader
     from cnn_bench.loop import StepModel, TrainState, evaluate, train_one_epoch
@@ -144,11 +147,19 @@ def run_cnn_bench(cfg, rt, images, labels, num_classes, args, seed: int) -> dict
     ev = evaluate(model, eval_loader, criterion, rt, num_classes, limit=args.eval_steps)
     peak = common.peak_memory_mb(rt.device)
 
-    # The loader alone, same batches: what the data path costs per step (ms).
-    train_loader.set_epoch(state.epoch)
+    # The loader alone: what the data path costs per step, with the trained augmentation or
+    # (--loader-experiment) a recipe's, e.g. the speedrun's reflect crops and alternating flips.
+    loader = train_loader
+    if loader_aug is not None:
+        loader = MemoryLoader(images, labels, bs, shuffle=True,
+                              augment=BatchAugment.from_config(loader_aug, mean, std, res),
+                              device=rt.device, seed=seed, channels_last=rt.channels_last)
+    loader.set_epoch(state.epoch)
+    for x, _ in itertools.islice(loader, 1):    # untimed: the augmentation's first call
+        pass
     common.sync(rt.device)
     t0 = time.perf_counter()
-    for x, _ in itertools.islice(train_loader, args.steps):
+    for x, _ in itertools.islice(loader, args.steps):
         pass
     common.sync(rt.device)
     data_s = time.perf_counter() - t0
@@ -215,10 +226,13 @@ def bench_spec(spec: Spec, args) -> tuple[list[list[str]], str, dict]:
     if len(images) < spec.batch_size * max(args.steps, args.warmup_steps, args.eval_steps):
         raise SystemExit(f"error: {args.data} has {len(images)} training images; need batch x "
                          f"steps = {n_images} (lower --steps)")
+    loader_aug = None
+    if args.loader_experiment:
+        loader_aug = compose([common.experiment_override(args.loader_experiment)]).augmentation
     results = {"cnn_bench": Measured(), "plain": Measured()}
     ratios_train, ratios_eval = [], []
     for r in range(args.repeats):
-        a = run_cnn_bench(cfg, rt, images, labels, num_classes, args, seed=r)
+        a = run_cnn_bench(cfg, rt, images, labels, num_classes, args, seed=r, loader_aug=loader_aug)
         gc.collect()
         b = run_plain(cfg, rt, images, labels, num_classes, args, seed=r)
         gc.collect()
@@ -275,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int,
                    help="torch intra-op CPU threads (default: torch's). On a shared, busy CPU "
                         "use 1: spinning OpenMP threads then wait for descheduled peers")
+    p.add_argument("--loader-experiment", metavar="NAME",
+                   help="time the loader-alone pass ('data %% of step') with the augmentation of "
+                        "conf/experiment/NAME.yaml (default: the trained one, augmentation=none)")
     p.add_argument("--smoke", action="store_true",
                    help="a few steps, one repeat each way (checks the code path, not speed)")
     p.add_argument("--out", help="also write the markdown report to this file")
@@ -306,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
               f"alternately (cnn_bench, plain, cnn_bench, ...); cells: median (min-max)",
               "- train/eval vs plain: per-repeat ratio of images/s, cnn_bench / plain (> 1 = "
               "cnn_bench faster); data % of step: the cnn_bench loader alone, per batch, over "
-              "the step time", ""]
+              "the step time" + (f", its augmentation {args.loader_experiment}'s"
+                                 if args.loader_experiment else " (no augmentation)"), ""]
     common.emit("\n".join(header) + "\n" + table, args.out)
     if args.json:
         import json

@@ -41,16 +41,20 @@ def _table_rows(text: str) -> list[list[str]]:
 
 def test_throughput_smoke(tmp_path):
     out = tmp_path / "throughput.md"
-    proc = _run("throughput.py", "--smoke", "speednet_s:16:8", "--out", str(out))
+    # --loader-experiment: the loader-alone pass uses the speedrun's reflect crops and
+    # alternating flips (GPU check G2's data %)
+    proc = _run("throughput.py", "--smoke", "speednet_s:16:8", "--loader-experiment",
+                "cifar10_speedrun", "--out", str(out))
     text = out.read_text()
     assert text.strip() == proc.stdout.strip()
-    assert "CPU:" in text and "torch " in text
+    assert "CPU:" in text and "torch " in text and "its augmentation cifar10_speedrun's" in text
     rows = _table_rows(text)
     assert [r[4] for r in rows] == ["cnn_bench", "plain"]
     a, b = rows
     assert a[:4] == ["speednet_s", "16", "8", "fp32"]
     for cell in (a[5], a[6], b[5], b[6], a[7], a[9]):  # img/s, ratio, peak memory
         assert float(cell.split(" ")[0].replace(",", "")) > 0, cell
+    assert float(a[10].split(" ")[0]) >= 0  # data %: rounds to 0.0 next to a CPU step
 
 
 def test_vs_timm_smoke_without_timm(tiny_folder, tmp_path):
