@@ -96,3 +96,16 @@ def test_no_host_sync_per_training_step_on_cuda(tiny_folder, tmp_path):
                 torch.cuda.set_sync_debug_mode("default")
         counts.append(sum("synchroniz" in str(w.message) for w in caught))
     assert counts[0] == counts[1], counts
+
+
+def test_streaming_matches_memory_on_cuda(tiny_folder, tmp_path):
+    # The DataLoader path (pinned memory, non-blocking copies, decode workers) with the
+    # speedrun's augmentation on the GPU: the same batches as GPU-resident data, so the same run.
+    common = ["trainer.precision=fp32", "trainer.deterministic=true", "augmentation=basic",
+              "augmentation.padding_mode=reflect", "augmentation.hflip_alternate=true"]
+    mem = _run(tiny_folder, tmp_path / "mem", *common, "dataset.in_memory=true")
+    stream = _run(tiny_folder, tmp_path / "stream", *common, "dataset.in_memory=false",
+                  "dataset.num_workers=2")
+    assert mem["in_memory"] is True and stream["in_memory"] is False
+    for key in ("final_train_loss", "final_val_loss"):
+        assert stream[key] == pytest.approx(mem[key], rel=1e-4), key
