@@ -67,10 +67,30 @@ def build_optimizer(cfg, model: nn.Module, device: torch.device) -> torch.optim.
     # foreach kernels batch the per-parameter updates; fused ones exist for CUDA Adam(W)/SGD.
     fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
-                               nesterov=cfg.nesterov and cfg.momentum > 0, **fast)
+        opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
+                              nesterov=cfg.nesterov and cfg.momentum > 0, **fast)
+        if fast.get("fused") and cfg.momentum > 0:
+            # NOTE: fused SGD allocates its momentum with empty_like on the first step, and a
+            # step GradScaler skips (fp16 overflow, usual at the start) leaves it uninitialised
+            # but stored: the next step adds garbage. Zeros give the same first update (g).
+            for p in (p for g in opt.param_groups for p in g["params"]):
+                opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        return opt
     cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
     return cls(groups, lr=cfg.lr, betas=tuple(cfg.betas), **fast)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
+    """``optimizer.load_state_dict``, then each per-parameter state tensor in its parameter's
+    memory layout: loading casts dtype and device but keeps the saved strides, and the fused
+    CUDA kernels refuse momentum/moments whose layout differs from the parameter's (a run saved
+    NCHW, e.g. on CPU, resumed channels_last on a GPU)."""
+    optimizer.load_state_dict(state_dict)
+    with torch.no_grad():
+        for p, st in optimizer.state.items():
+            for k, v in st.items():
+                if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                    st[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
 
 
 def lr_factor(cfg, step: int, total_steps: int, steps_per_epoch: int) -> float:

@@ -395,6 +395,38 @@ def test_foreach_matches_for_loop_optimizer(name):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_fused_sgd_survives_a_skipped_first_step():
+    # fp16's GradScaler skips a step whose gradients overflowed, usual at the start. Fused SGD
+    # (build_optimizer's choice on CUDA; torch has CPU kernels of it too) then stored momentum
+    # it had never written (empty_like) and the next step added garbage to the weights.
+    cfg = compose_config(["optimizer=sgd", "model=speednet_s"])
+    x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(8) % 10
+    results = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = build_model(cfg.model, 10, 16)
+        start = [p.detach().clone() for p in model.parameters()]
+        # device "cuda" makes build_optimizer choose fused kernels, "cpu" foreach ones
+        opt = build_optimizer(cfg.optimizer, model, torch.device("cuda" if fused else "cpu"))
+        assert all(bool(g["fused"]) == fused for g in opt.param_groups)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+        for step in range(3):
+            opt.zero_grad(set_to_none=True)
+            loss = nn.functional.cross_entropy(model(x), y)
+            # step 0 overflows: the scaler must skip it, as it does for an fp16 inf
+            scaler.scale(loss * (math.inf if step == 0 else 1.0)).backward()
+            scaler.step(opt)
+            scaler.update()
+            if step == 0:
+                for a, b in zip(start, model.parameters()):
+                    assert torch.equal(a, b.detach()), "a skipped step moved the weights"
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fused optimizers are CUDA kernels")
 def test_fused_matches_for_loop_on_cuda():
     cfg = compose_config(["optimizer=sgd", "model=speednet_s"])
