@@ -29,7 +29,7 @@ from cnn_bench.loop import (StepModel, TrainState, compile_warmup, evaluate, fir
 from cnn_bench.models.build import build_model
 from cnn_bench.models.pretrained import pretrained_normalization
 from cnn_bench.models.profile import count_flops, count_params
-from cnn_bench.optim import base_lr, build_optimizer, build_scheduler
+from cnn_bench.optim import base_lr, build_optimizer, build_scheduler, load_optimizer_state
 from cnn_bench.runlog import RunLog, write_json
 from cnn_bench.runtime import resolve_runtime, rng_state, seed_everything, set_rng_state
 
@@ -171,9 +171,10 @@ def run(cfg: DictConfig) -> dict:
         # optimizer tensors to the parameters' device itself.
         ck = load_checkpoint(resume)
         model.load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
+        load_optimizer_state(optimizer, ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])
-        scaler.load_state_dict(ck["scaler"])
+        if ck["scaler"]:  # empty when the earlier attempt ran without one (bf16, fp32, CPU)
+            scaler.load_state_dict(ck["scaler"])
         if ema is not None:
             if ck.get("model_ema") is not None:
                 ema.load_state_dict(ck["model_ema"])

@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 import cnn_bench.train as train_mod
 from cnn_bench import evaluate as evaluate_mod
 from cnn_bench.checkpoint import load_checkpoint
+from cnn_bench.models.build import build_model
 from conftest import compose_config, interrupt_after_first_epoch, interrupting, tiny_overrides
 
 SUMMARY_KEYS = {"model", "dataset", "resolution", "params", "flops", "epochs", "best_val_acc",
@@ -121,6 +122,43 @@ def test_resume_matches_uninterrupted_run(tiny_folder, tmp_path, monkeypatch):
     # (the checkpointed epoch's record survives the purge of what followed it).
     for tag in ("val/acc", "train/loss", "train/loss_step", "train/lr"):
         assert _scalar_steps(part, tag) == _scalar_steps(full, tag), tag
+
+
+def test_resume_into_other_precision_and_layout(tiny_folder, tmp_path, monkeypatch):
+    # A run saved fp32 + NCHW (a CPU run: no scaler state, NCHW momentum) resumed with fp16's
+    # GradScaler and channels_last, as the auto rules on a GPU without bf16 would pick: the
+    # empty scaler state was a RuntimeError, and NCHW momentum next to channels_last weights is
+    # refused by the fused CUDA kernels.
+    out = tmp_path / "run"
+    interrupt_after_first_epoch(
+        monkeypatch, lambda: train_mod.run(compose_config(tiny_overrides(tiny_folder, out))))
+    assert load_checkpoint(out / "checkpoints/last.pt")["scaler"] == {}
+    summary = train_mod.run(compose_config(tiny_overrides(
+        tiny_folder, out, "trainer.resume=auto", "trainer.precision=fp16",
+        "trainer.channels_last=true")))
+    assert summary["epochs"] == 2 and summary["precision"] == "fp16"
+    assert load_checkpoint(out / "checkpoints/last.pt")["scaler"]["scale"] > 0
+
+
+def test_loaded_optimizer_state_takes_the_parameters_layout():
+    from cnn_bench.optim import build_optimizer, load_optimizer_state
+
+    cfg = compose_config(["optimizer=adamw", "model=speednet_s"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 10, 16)
+    opt = build_optimizer(cfg.optimizer, model, torch.device("cpu"))
+    model(torch.randn(4, 3, 16, 16)).sum().backward()
+    opt.step()
+    saved = opt.state_dict()
+    model.to(memory_format=torch.channels_last)
+    opt = build_optimizer(cfg.optimizer, model, torch.device("cpu"))
+    load_optimizer_state(opt, saved)
+    convs = [p for p in model.parameters() if p.dim() == 4]
+    assert convs and all(p.stride() != p.contiguous().stride() for p in convs)
+    for p in model.parameters():
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert opt.state[p][key].stride() == p.stride(), key
+    torch.testing.assert_close(opt.state_dict()["state"], saved["state"])
 
 
 def _scalar_steps(run, tag: str) -> list[int]:
