@@ -94,10 +94,13 @@ def resolved_precision(args) -> tuple[str, bool]:
     """(precision, on CUDA?) as cnn_bench's ``auto`` rules resolve them for the device."""
     import torch
 
+    from cnn_bench.runtime import cuda_has_bf16
+
     cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
     prec = args.precision
     if prec == "auto":
-        prec = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
+        dev = torch.device(args.device if args.device.startswith("cuda") else "cuda")
+        prec = ("bf16" if cuda_has_bf16(dev) else "fp16") if cuda else "fp32"
     return prec, cuda
 
 

@@ -50,13 +50,20 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def cuda_has_bf16(device: torch.device) -> bool:
+    """Native bf16 on this GPU (Ampere and later). torch's ``is_bf16_supported()`` also says
+    yes where bf16 is only emulated (V100, T4: much slower than fp16 + GradScaler)."""
+    with torch.cuda.device(device):
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def resolve_runtime(trainer_cfg) -> Runtime:
     """Apply the ``auto`` rules: bf16 (else fp16) + channels_last on CUDA; fp32 + NCHW on CPU."""
     device = resolve_device(trainer_cfg.device)
     precision = trainer_cfg.precision
     if precision == "auto":
         if device.type == "cuda":
-            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            precision = "bf16" if cuda_has_bf16(device) else "fp16"
         else:
             precision = "fp32"  # bf16 autocast on these CPUs is slower than fp32
     channels_last = trainer_cfg.get("channels_last", "auto")

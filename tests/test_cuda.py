@@ -17,6 +17,7 @@ import torch
 import cnn_bench.train as train_mod
 from cnn_bench import evaluate as evaluate_mod
 from cnn_bench.checkpoint import load_checkpoint
+from cnn_bench.runtime import cuda_has_bf16
 from conftest import compose_config, interrupt_after_first_epoch, tiny_overrides
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -35,7 +36,7 @@ def _fallbacks(caught) -> list[str]:
 def test_auto_rules_on_cuda(tiny_folder, tmp_path):
     s = _run(tiny_folder, tmp_path / "auto")
     assert s["device"].startswith("cuda") and s["in_memory"] is True
-    assert s["precision"] == ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    assert s["precision"] == ("bf16" if cuda_has_bf16(torch.device("cuda")) else "fp16")
     assert s["channels_last"] is True
     assert math.isfinite(s["final_train_loss"]) and 0 <= s["test_acc"] <= 1
     res = evaluate_mod.run(compose_config(

@@ -117,6 +117,30 @@ def reference(tiny_folder, tmp_path):
                 "trainer.precision=fp32")
 
 
+@pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "fp16")])
+def test_auto_precision_needs_native_bf16(monkeypatch, native, expected):
+    # torch.cuda.is_bf16_supported() defaults to counting emulated bf16 (V100, T4), where it is
+    # far slower than fp16 + GradScaler; the auto rule must ask for native support.
+    import contextlib
+
+    from cnn_bench.runtime import resolve_runtime
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: native or including_emulation)
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    flags = {k: getattr(cudnn, k) for k in ("benchmark", "deterministic", "allow_tf32")}
+    tf32 = matmul.allow_tf32
+    try:
+        rt = resolve_runtime(compose_config(["trainer.device=cuda"]).trainer)
+    finally:  # resolve_runtime sets CUDA backend flags: leave them as they were
+        for k, v in flags.items():
+            setattr(cudnn, k, v)
+        matmul.allow_tf32 = tf32
+    assert rt.precision == expected and rt.use_scaler == (expected == "fp16")
+
+
 def test_reference_learns(reference):
     assert reference["channels_last"] is False and reference["precision"] == "fp32"
     assert reference["final_train_loss"] < math.log(3)  # 3 classes: below chance after 6 steps
