@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cnn_bench.config import CONF_DIR, validate
-from cnn_bench.errors import CnnBenchError, did_you_mean
+from cnn_bench.errors import CnnBenchError, did_you_mean, out_of_memory
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -21,7 +21,8 @@ def fail(message: str, code: int = 2) -> None:
 
 
 def user_errors(fn: Callable) -> Callable:
-    """Wrap a Hydra task: a ``CnnBenchError`` in a single run exits with one line.
+    """Wrap a Hydra task: a ``CnnBenchError`` or a GPU out-of-memory error in a single run
+    exits with one line.
 
     In a multirun the job runs through :func:`cnn_bench.sweep.job.run_sweep_job`: a finished job
     is skipped, an unfinished one resumes, and any failure is recorded in the job's
@@ -37,10 +38,14 @@ def user_errors(fn: Callable) -> Callable:
             from cnn_bench.sweep.job import run_sweep_job
 
             return run_sweep_job(fn, cfg)
+        import torch
+
         try:
             return fn(cfg)
         except CnnBenchError as e:
             fail(str(e))
+        except torch.OutOfMemoryError as e:
+            fail(out_of_memory(e, cfg))
 
     return wrapper
 

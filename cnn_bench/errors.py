@@ -18,3 +18,15 @@ def did_you_mean(name: str, choices: Iterable[str], n: int = 3) -> str:
         return f"did you mean: {', '.join(close)}?"
     shown = ", ".join(choices[:12]) + (", ..." if len(choices) > 12 else "")
     return f"valid choices: {shown}"
+
+
+def out_of_memory(e: Exception, cfg) -> str:
+    """One line for a GPU out-of-memory error: the settings that size memory, and torch's
+    first sentence (what it tried to allocate)."""
+    from omegaconf import OmegaConf
+
+    keys = ("trainer.batch_size", "trainer.eval_batch_size", "dataset.resolution", "batch_size")
+    now = [f"{k}={v}" for k in keys if (v := OmegaConf.select(cfg, k, default=None)) is not None]
+    first = str(e).strip().split(". ")[0:2]
+    return (f"out of GPU memory ({', '.join(now) or 'batch size'}): lower the batch size or the "
+            f"resolution; torch: {'. '.join(first).splitlines()[0]}")

@@ -86,6 +86,8 @@ class StepModel:
             # few KB) keeps the result valid after the next replay reuses the graph's buffers.
             torch.compiler.cudagraph_mark_step_begin()
             return self.fn(x).clone()
+        except torch.OutOfMemoryError:
+            raise  # the batch does not fit, compiled or not: not a reason to drop compile
         except Exception as e:  # noqa: BLE001
             self._fallback(e)
             return self.eager(x)

@@ -274,7 +274,8 @@ def run(cfg: DictConfig) -> dict:
     final_val = state.history[-1]["val/acc"] if state.history else math.nan
     test_acc = test_loss = None
     if data.test is not None and data.val is not None and (ckpt_dir / "best.pt").exists():
-        weights, which = model_weights(load_checkpoint(ckpt_dir / "best.pt", rt.device),
+        # loaded on the CPU: load_state_dict copies to the model's device
+        weights, which = model_weights(load_checkpoint(ckpt_dir / "best.pt"),
                                        use_ema=ema is not None)
         scored = eval_model if which == "ema" else step_model
         scored.eager.load_state_dict(weights)

@@ -352,6 +352,57 @@ def test_compile_mode_reaches_torch_compile_and_cuda_graph_outputs_survive(monke
         StepModel(loop_tta_model(), compile=True, mode="fast")
 
 
+def test_out_of_memory_is_not_a_compile_failure(monkeypatch):
+    # A batch too big for the GPU must surface as out-of-memory (a one-line error at the CLI),
+    # not as "torch.compile failed, training eagerly" followed by the same OOM uncompiled.
+    def fake_compile(m, **kw):
+        def run(x):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
+        return run
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    step = StepModel(loop_tta_model(), compile=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning
+        with pytest.raises(torch.OutOfMemoryError):
+            step(torch.zeros(4, 3, 2, 2))
+    assert step.compiled
+
+
+def test_out_of_memory_ends_with_one_line(capsys):
+    from cnn_bench import cli
+
+    cfg = compose_config(["trainer.batch_size=512"])
+
+    @cli.user_errors
+    def task(cfg):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has "
+                                     "a total capacity of 79.19 GiB of which 1.2 GiB is free.\n"
+                                     "Of the allocated memory ...")
+
+    with pytest.raises(SystemExit) as e:
+        task(cfg)
+    assert e.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: out of GPU memory (trainer.batch_size=512, ")
+    assert "lower the batch size" in line and line.endswith("Tried to allocate 2.00 GiB")
+
+
+def test_cuda_rng_states_restore_on_fewer_gpus(monkeypatch):
+    # A checkpoint from a 2-GPU machine resumed on a 1-GPU one: set_rng_state_all raised
+    # IndexError; each state this machine has a GPU for is restored.
+    from cnn_bench import runtime
+
+    state = {**runtime.rng_state(), "cuda": [torch.ones(3, dtype=torch.uint8),
+                                             torch.zeros(3, dtype=torch.uint8)]}
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, i: restored.append((s, i)))
+    runtime.set_rng_state(state)
+    assert len(restored) == 1 and restored[0][1] == 0 and torch.equal(restored[0][0], state["cuda"][0])
+
+
 def loop_tta_model() -> nn.Module:
     """Logits = per-channel means of the image's left column (flip-sensitive, 3 classes)."""
     class LeftColumn(nn.Module):
