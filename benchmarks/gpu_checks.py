@@ -204,6 +204,21 @@ def _run(argv: list[str], timeout: float) -> tuple[int | None, str]:
         return code, log.read()
 
 
+# What a pass must not hide: a silent compile fallback, CUDA graphs turned off (e.g. for
+# BatchNorm's in-place running stats), recompiles; they change speed without failing a step.
+NOTABLE = ("torch.compile failed", "CUDA graphs skipped", "skipping cudagraphs", "recompil")
+
+
+def notable_lines(output: str, limit: int = 8) -> list[str]:
+    """The distinct output lines that mention one of ``NOTABLE`` (at most ``limit``, trimmed)."""
+    seen: list[str] = []
+    for ln in output.splitlines():
+        ln = ln.strip()[:300]
+        if any(k in ln for k in NOTABLE) and ln not in seen:
+            seen.append(ln)
+    return seen[:limit]
+
+
 def run_steps(steps: list[Step], data: Path, out_dir: Path, budget: float, smoke: bool,
               setup: list[str]) -> list[tuple[Step, str]]:
     """Run ``steps`` in order within ``budget`` seconds; write report.md and logs.txt after each."""
@@ -233,6 +248,9 @@ def run_steps(steps: list[Step], data: Path, out_dir: Path, budget: float, smoke
             # pytest writes no report: its summary lines are the result
             body = md.read_text() if md.is_file() else "```\n" + "\n".join(
                 output.strip().splitlines()[-15:]) + "\n```"
+            flagged = notable_lines(output)
+            if flagged:
+                body += "\n\nIn its output:\n\n" + "\n".join(f"- `{ln}`" for ln in flagged)
             sections.append(f"## {step.name}: {status}, {took:.0f} s\n\n{step.measures}.\n\n"
                             f"`{' '.join(argv)}`\n\n{body}")
             logs.append(f"==== {step.name}: {status}, {took:.0f} s\n{output[-6000:]}")

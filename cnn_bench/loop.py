@@ -52,6 +52,7 @@ class StepModel:
             raise ValueError(f"compile mode must be one of {', '.join(COMPILE_MODES)}; got {mode!r}")
         self.eager = model
         self.fn: Callable = model
+        self.mode = mode
         # CUDA graphs (reduce-overhead, max-autotune) replay into the same output buffers: an
         # output is overwritten by the next call, and flip TTA calls twice before reading.
         self.cudagraphs = compile and mode in ("reduce-overhead", "max-autotune")
@@ -261,6 +262,13 @@ def _last_batch_size(loader, limit: int | None) -> int | None:
     return n % bs
 
 
+def _cudagraph_skips() -> int:
+    """How many compiled graphs inductor has run without CUDA graphs so far (its counter)."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["cudagraph_skips"]
+
+
 def compile_warmup(train_model: StepModel, train_loader, eval_model: StepModel | None,
                    eval_loader, criterion, rt: Runtime, *, freeze: FreezePlan | None = None,
                    tta: str = "none", eval_limit: int | None = None) -> float:
@@ -289,6 +297,7 @@ def compile_warmup(train_model: StepModel, train_loader, eval_model: StepModel |
     eval_batch = None if eval_model is None or eval_loader is None else first_batch(eval_loader)
     if rt.device.type == "cuda":
         torch.cuda.synchronize(rt.device)
+    skips = _cudagraph_skips()
     t0 = time.perf_counter()
     try:
         x, y = train_batch
@@ -314,6 +323,13 @@ def compile_warmup(train_model: StepModel, train_loader, eval_model: StepModel |
                     eval_logits(eval_model, eval_batch[0][:last], tta)
         if rt.device.type == "cuda":
             torch.cuda.synchronize(rt.device)
+        skipped = _cudagraph_skips() - skips
+        graphed = [m for m in models if m.cudagraphs and m.compiled]
+        if skipped and graphed:
+            # inductor logs why only with TORCH_LOGS=cudagraphs; the run stays compiled
+            warnings.warn(f"CUDA graphs skipped for {skipped} compiled graph(s): compile_mode="
+                          f"{graphed[0].mode} runs those without them (TORCH_LOGS=cudagraphs "
+                          f"says why)")
         return time.perf_counter() - t0
     finally:
         train_model.eager.zero_grad(set_to_none=True)

@@ -341,6 +341,18 @@ def test_gpu_checks_uses_the_carried_timm_script(tiny_folder, tmp_path):
     assert "is not set" not in report
 
 
+def test_gpu_checks_flags_compile_fallbacks_and_skipped_cuda_graphs():
+    from benchmarks import gpu_checks
+
+    out = ("epoch 1\nUserWarning: torch.compile failed, training eagerly: boom\n"
+           "skipping cudagraphs due to mutated inputs (2 instances)\nepoch 2\n"
+           "UserWarning: torch.compile failed, training eagerly: boom\n")
+    assert gpu_checks.notable_lines(out) == [
+        "UserWarning: torch.compile failed, training eagerly: boom",
+        "skipping cudagraphs due to mutated inputs (2 instances)"]
+    assert gpu_checks.notable_lines("epoch 1\nepoch 2\n") == []
+
+
 def test_gpu_checks_step_past_the_budget_takes_its_children_along(tmp_path):
     # A stopped step's own children (time_to_accuracy's train.py runs) must not keep running.
     import time

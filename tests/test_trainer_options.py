@@ -273,6 +273,31 @@ def test_compile_warmup_restores_buffers_rng_and_grads(monkeypatch, tta):
     assert state["body.1.num_batches_tracked"] == 0
 
 
+@pytest.mark.parametrize("mode, warned", [("reduce-overhead", True), ("default", False)])
+def test_compile_warmup_warns_when_cuda_graphs_are_skipped(monkeypatch, mode, warned):
+    # reduce-overhead's CUDA graphs can be skipped (mutated inputs, CPU tensors...) and inductor
+    # says so only under TORCH_LOGS=cudagraphs: the run would be silently slower than chosen.
+    def fake_compile(m, **kw):
+        def compiled(x):
+            counters["inductor"]["cudagraph_skips"] += 1   # as inductor counts a skipped graph
+            return m(x)
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: None)
+    step = StepModel(_DropoutNet(), compile=True, mode=mode)
+    gen = torch.Generator().manual_seed(1)
+    train = [(torch.randn(8, 3, 12, 12, generator=gen), torch.randint(0, 3, (8,), generator=gen))]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compile_warmup(step, train, None, None, nn.CrossEntropyLoss(),
+                       Runtime(torch.device("cpu"), "fp32", False))
+    msgs = [str(w.message) for w in caught if "CUDA graphs skipped" in str(w.message)]
+    assert msgs == (["CUDA graphs skipped for 1 compiled graph(s): compile_mode=reduce-overhead "
+                     "runs those without them (TORCH_LOGS=cudagraphs says why)"] if warned else [])
+    assert step.compiled
+
+
 class _ListLoader(list):
     """Batches in a list, with the sizes a cnn_bench loader reports."""
 
