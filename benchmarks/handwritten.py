@@ -133,9 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     device = common.pick_device(args.device)
     prec = args.precision
     if prec == "auto":
-        # native bf16 only (Ampere+); emulated bf16 is slower than fp16 + GradScaler
-        native_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
-        prec = ("bf16" if native_bf16 else "fp16") if device.type == "cuda" else "fp32"
+        prec = "fp32"
+        if device.type == "cuda":  # native bf16 only (Ampere+): emulated is slower than fp16
+            prec = "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     channels_last = device.type == "cuda" if args.channels_last == "auto" else args.channels_last == "true"
     if device.type == "cuda":  # the flags any tuned script sets (cnn_bench sets the same)
         torch.backends.cudnn.benchmark = True

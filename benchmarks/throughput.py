@@ -117,9 +117,13 @@ def run_cnn_bench(cfg, rt, images, labels, num_classes, args, seed: int, loader_
 
     tr, res, bs = cfg.trainer, cfg.dataset.resolution, cfg.trainer.batch_size
     mean, std = common.IMAGENET_MEAN, common.IMAGENET_STD
-    train_loader = MemoryLoader(images, labels, bs, shuffle=True,
-                                augment=BatchAugment.from_config(cfg.augmentation, mean, std, res),
-                                device=rt.device, seed=seed, channels_last=rt.channels_last)
+
+    def shuffled(aug_cfg) -> MemoryLoader:
+        return MemoryLoader(images, labels, bs, shuffle=True,
+                            augment=BatchAugment.from_config(aug_cfg, mean, std, res),
+                            device=rt.device, seed=seed, channels_last=rt.channels_last)
+
+    train_loader = shuffled(cfg.augmentation)
     eval_loader = MemoryLoader(images, labels, bs, shuffle=False,
                                augment=BatchAugment.normalize_only(mean, std),
                                device=rt.device, seed=seed, channels_last=rt.channels_last)
@@ -149,11 +153,7 @@ def run_cnn_bench(cfg, rt, images, labels, num_classes, args, seed: int, loader_
 
     # The loader alone: what the data path costs per step, with the trained augmentation or
     # (--loader-experiment) a recipe's, e.g. the speedrun's reflect crops and alternating flips.
-    loader = train_loader
-    if loader_aug is not None:
-        loader = MemoryLoader(images, labels, bs, shuffle=True,
-                              augment=BatchAugment.from_config(loader_aug, mean, std, res),
-                              device=rt.device, seed=seed, channels_last=rt.channels_last)
+    loader = train_loader if loader_aug is None else shuffled(loader_aug)
     loader.set_epoch(state.epoch)
     for x, _ in itertools.islice(loader, 1):    # untimed: the augmentation's first call
         pass

@@ -27,6 +27,6 @@ def out_of_memory(e: Exception, cfg) -> str:
 
     keys = ("trainer.batch_size", "trainer.eval_batch_size", "dataset.resolution", "batch_size")
     now = [f"{k}={v}" for k in keys if (v := OmegaConf.select(cfg, k, default=None)) is not None]
-    first = str(e).strip().split(". ")[0:2]
+    first = ". ".join(str(e).strip().splitlines()[0].split(". ")[:2])
     return (f"out of GPU memory ({', '.join(now) or 'batch size'}): lower the batch size or the "
-            f"resolution; torch: {'. '.join(first).splitlines()[0]}")
+            f"resolution; torch: {first}")
