@@ -307,9 +307,14 @@ def test_spread_and_subset(tmp_path):
     assert (sub / "train" / "a" / "0.jpg").resolve() == (src / "train" / "a" / "0.jpg").resolve()
 
 
-def test_gpu_checks_smoke_writes_one_report(tiny_folder, tmp_path):
+def test_gpu_checks_smoke_writes_one_report(tmp_path):
     # The prepared GPU pass, in the steps' smoke modes on CPU: a step that runs puts its table
     # in report.md, one whose package is missing or whose time is gone says why.
+    from datagen import make_imagefolder
+
+    # 32 px like CIFAR-10: airbench's step refuses other sizes (where airbench is installed)
+    tiny_folder = make_imagefolder(tmp_path / "data", per_class=16, size=(32, 32),
+                                   splits=("train", "test"))
     out = tmp_path / "out"
     proc = _run("gpu_checks.py", "--smoke", "--data", str(tiny_folder), "--wheels",
                 str(tmp_path / "none"), "--only", "g1_resnet50,airbench", "--out-dir", str(out))
