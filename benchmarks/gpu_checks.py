@@ -8,7 +8,7 @@ most 8 files. This script spends them in order of value and leaves two files in 
 still returns what it finished.
 
 Steps (``--list`` prints them with their time estimates): the CUDA tests (``tests/test_cuda.py``
-and the CUDA cases of ``tests/test_trainer_options.py``), ResNet-50 @224 bf16 throughput (G1),
+and the CUDA cases of ``tests/test_kernels.py``), ResNet-50 @224 bf16 throughput (G1),
 one seed of each CIFAR-10 recipe to 94% (G3), the CIFAR models' throughput on the real data
 (G2), airbench94 itself on the same data (G3's peer), channels_last on/off per family (G6), and
 timm's train.py (G4, only where ``$TIMM_TRAIN_SCRIPT`` names it or ``--prepare`` carried it).
@@ -102,7 +102,7 @@ def _timm(data: Path, out: Path, smoke: bool) -> list[str]:
 
 
 def _cuda_tests(data: Path, out: Path, smoke: bool) -> list[str]:
-    opts = "tests/test_trainer_options.py::test_"
+    opts = "tests/test_kernels.py::test_"
     return [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
             "tests/test_cuda.py", f"{opts}fused_matches_for_loop_on_cuda",
             f"{opts}evaluate_syncs_once_per_pass_on_cuda"]
