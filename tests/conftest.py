@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import sys
 from pathlib import Path
 
@@ -10,6 +11,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 ROOT = Path(__file__).resolve().parent.parent
+# the figures a sweep report writes (listed here, not read from cnn_bench: a rename must show)
+PLOTS = ["acc_vs_flops.png", "acc_vs_params.png", "heatmap_width_resolution.png"]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cnn_bench.config import CONF_DIR  # noqa: E402
@@ -111,3 +114,9 @@ def interrupt_after_first_epoch(monkeypatch, start) -> None:
     with pytest.raises(KeyboardInterrupt):
         start()
     monkeypatch.setattr(train_mod, "train_one_epoch", real)
+
+
+def read_csv(path: Path) -> list[dict]:
+    """A CSV file's rows as dicts (the report's ``results.csv``)."""
+    with path.open() as f:
+        return list(csv.DictReader(f))

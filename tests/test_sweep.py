@@ -1,5 +1,6 @@
-"""Sweeps: job names, failure isolation, skip/resume, identical initial weights, the report,
-and the parallel ``local_gpus`` launcher. All on speednet_s at 16-32 px with tiny generated data.
+"""Sweeps: job names, failure isolation, skip/resume, identical initial weights, and the
+parallel ``local_gpus`` launcher, all on speednet_s at 16-32 px with tiny generated data (the
+report on fabricated jobs: ``test_report.py``).
 
 Module-level imports stay light (no torch): the launcher's worker processes import this module
 to find the task functions below.
@@ -7,7 +8,6 @@ to find the task functions below.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import subprocess
@@ -23,10 +23,7 @@ from omegaconf import OmegaConf
 from cnn_bench import cli
 from cnn_bench.config import CONF_DIR
 from cnn_bench.sweep.status import DONE, FAILED, INTERRUPTED, read_status
-from conftest import ROOT, compose_config
-
-PLOTS = ["acc_vs_flops.png", "acc_vs_params.png", "heatmap_width_resolution.png"]
-
+from conftest import PLOTS, ROOT, compose_config, read_csv
 
 @cli.user_errors
 def train_task(cfg):
@@ -63,11 +60,6 @@ def multirun(sweep_dir: Path, overrides: list[str], task=train_task) -> None:
 
 def job_dirs(sweep_dir: Path) -> list[Path]:
     return sorted(p for p in sweep_dir.iterdir() if p.is_dir() and p.name != "tb")
-
-
-def read_csv(path: Path) -> list[dict]:
-    with path.open() as f:
-        return list(csv.DictReader(f))
 
 
 # ---------------------------------------------------------------- end to end, as a user runs it
@@ -284,108 +276,6 @@ def test_a_sweep_with_other_fixed_settings_into_an_earlier_sweep_dir_is_refused(
                           "settings (dataset.resolution: 32 -> 40)") and "\n" not in err
     cli.check_sweep_dir(["-m", f"hydra.sweep.dir={tmp_path / 'new'}", "dataset.resolution=40",
                          "model.width_mult=1.0,0.5"])  # a new folder: nothing to compare
-
-
-# ---------------------------------------------------------------- the report on fabricated jobs
-
-def fake_job(job: Path, status: str | None, model: str = "mobilenet_v2", width: float = 1.0,
-             res: int = 96, val_accs=(0.5, 0.6), summary: bool = True, flops: int = 10**8,
-             reason: str | None = None) -> Path:
-    """A job directory as the trainer and the sweep wrapper leave it."""
-    job.mkdir(parents=True)
-    (job / ".hydra").mkdir()
-    cfg = {"model": {"name": model, "width_mult": width}, "dataset": {"resolution": res},
-           "trainer": {"epochs": 2}}
-    (job / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-    lines = [{"epoch": i + 1, "train/acc": a - 0.1, "train/loss": 1.0, "val/acc": a,
-              "val/loss": 2.0 - a, "epoch_time_s": 2.0, "train/images_per_s": 100.0}
-             for i, a in enumerate(val_accs)]
-    if lines:
-        (job / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-        (job / "metrics.jsonl").write_text("".join(json.dumps(ln) + "\n" for ln in lines))
-    if summary:
-        best = max(val_accs)
-        (job / "summary.json").write_text(json.dumps({
-            "model": model, "width_mult": width, "resolution": res, "params": int(10**6 * width),
-            "flops": flops, "epochs": len(val_accs), "best_val_acc": best,
-            "best_epoch": list(val_accs).index(best) + 1, "final_val_acc": val_accs[-1],
-            "final_val_loss": 2.0 - val_accs[-1], "final_train_acc": val_accs[-1] - 0.1,
-            "wall_time_s": 5.0, "train_images_per_s": 100.0}))
-    if status:
-        (job / "status.json").write_text(json.dumps({"status": status, "reason": reason}))
-    return job
-
-
-def test_report_on_a_partly_failed_running_sweep(tmp_path):
-    from cnn_bench import report
-    from cnn_bench.sweep.results import collect, pareto_front
-
-    sweep = tmp_path / "sweep"
-    fake_job(sweep / "model=mobilenet_v2,res=96", DONE, val_accs=(0.5, 0.7), flops=10**8)
-    fake_job(sweep / "model=mobilenet_v2,res=128", DONE, res=128, val_accs=(0.6, 0.65), flops=2 * 10**8)
-    fake_job(sweep / "model=mobilenet_v2,res=160", DONE, res=160, val_accs=(0.8, 0.9), flops=3 * 10**8)
-    fake_job(sweep / "model=mobilenet_v1,res=96", "running", model="mobilenet_v1",
-             val_accs=(0.4,), summary=False)
-    fake_job(sweep / "model=mobilenet_v1,res=128", FAILED, model="mobilenet_v1", res=128,
-             val_accs=(), summary=False, reason="RuntimeError: Output size is too small")
-    fake_job(sweep / "nested" / "model=mobilenet_v1,width=0.5", None, model="mobilenet_v1",
-             width=0.5)  # a run from before status records: summary only
-
-    rows = {r.job: r for r in collect(sweep)}
-    assert len(rows) == 6
-    running = rows["model=mobilenet_v1,res=96"]
-    assert running.status == "running" and running.final_val_acc == 0.4 and running.epochs == 1
-    assert running.max_epochs == 2 and running.params is None and running.images_per_s == 100.0
-    failed = rows["model=mobilenet_v1,res=128"]
-    assert failed.status == FAILED and failed.best_val_acc is None and failed.resolution == 128
-    assert rows["nested/model=mobilenet_v1,width=0.5"].status == DONE
-    done = rows["model=mobilenet_v2,res=96"]
-    assert done.best_val_acc == 0.7 and done.best_epoch == 2 and done.best_val_loss == pytest.approx(1.3)
-    front = pareto_front(list(rows.values()))
-    assert [r.resolution for r in front if r.model == "mobilenet_v2"] == [96, 160]  # 128 is dominated
-
-    assert report.main([str(sweep), "--no-tensorboard"]) == 0
-    csv_rows = read_csv(sweep / "results.csv")
-    assert len(csv_rows) == 6 and {r["status"] for r in csv_rows} == {DONE, "running", FAILED}
-    md = (sweep / "results.md").read_text()
-    assert "6 jobs: 4 done, 1 failed, 1 running" in md
-    assert "`model=mobilenet_v1,res=128`: failed: RuntimeError: Output size is too small" in md
-    assert "| done | `model=mobilenet_v2,res=96` |" in md  # rows name their job
-    for plot in PLOTS:
-        assert (sweep / plot).stat().st_size > 5000 and f"]({plot})" in md
-
-
-def test_pareto_front_keeps_exact_ties():
-    from types import SimpleNamespace
-
-    from cnn_bench.sweep.results import pareto_front
-
-    rows = [SimpleNamespace(job=j, flops=f, best_val_acc=a) for j, f, a in
-            [("a", 100, 0.9), ("b", 100, 0.9), ("c", 200, 0.9), ("d", 50, 0.5), ("e", 100, 0.8)]]
-    assert [r.job for r in pareto_front(rows)] == ["d", "a", "b"]  # c and e are dominated
-
-
-def test_heatmap_averages_jobs_that_share_a_cell():
-    # Two seeds of the same model, width and resolution: one cell, their mean, marked n=2
-    # (a later job used to overwrite the earlier one's cell).
-    from types import SimpleNamespace
-
-    from cnn_bench.sweep.plots import heatmap_cells
-
-    def row(width, res, acc, status=DONE):
-        return SimpleNamespace(width=width, resolution=res, best_val_acc=acc, status=status)
-
-    rows = [row(1.0, 96, 1.0), row(1.0, 96, 0.0), row(0.5, 96, 0.5, "running"),
-            row(0.5, 128, None, FAILED)]
-    grid, notes = heatmap_cells(rows, [1.0, 0.5], [96, 128])
-    assert grid[0][0] == 50.0 and notes[0][0] == "50.0 (n=2)"
-    assert notes[1][0] == "50.0*" and notes[1][1] == FAILED and notes[0][1] == ""
-
-
-def test_report_cli_errors_are_one_line(tmp_path):
-    p = subprocess.run([sys.executable, "-m", "cnn_bench.report", str(tmp_path / "missing")],
-                       cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert p.returncode == 2 and p.stderr.strip() == f"error: no sweep directory at {tmp_path / 'missing'}"
 
 
 # ---------------------------------------------------------------- the local_gpus launcher
