@@ -1,4 +1,5 @@
-"""Tests of the data path: datasets, decoding, cache, both loaders, batch augmentation."""
+"""Tests of the data path: datasets, decoding, cache, both loaders (batch augmentation
+itself: ``test_augment.py``)."""
 
 from __future__ import annotations
 
@@ -195,86 +196,6 @@ def test_loader_lengths_and_drop_last(folder, tmp_path):
     assert len(b.val) == 4 and sum(len(y) for _, y in b.val) == 24  # eval keeps everything
     small = build(cfg(folder, cache_dir=str(tmp_path / "c")), batch_size=100)
     assert len(small.train) == 1 and len(next(iter(small.train))[1]) == 24
-
-
-# --- augmentation ----------------------------------------------------------------------------
-
-
-def _u8(b=6, r=16, seed=0):
-    return torch.randint(0, 256, (b, 3, r, r), dtype=torch.uint8,
-                         generator=torch.Generator().manual_seed(seed))
-
-
-@pytest.mark.parametrize("name", ["none", "basic", "seed"])
-def test_augment_configs_keep_shape_and_dtype(name):
-    conf = OmegaConf.load(REPO / f"conf/augmentation/{name}.yaml")
-    assert conf.name == name and conf.label_smoothing == 0.0
-    aug = BatchAugment.from_config(OmegaConf.to_container(conf), MEAN, STD, 16)
-    out = aug(_u8(), torch.Generator().manual_seed(0))
-    assert out.shape == (6, 3, 16, 16) and out.dtype == torch.float32
-    assert torch.isfinite(out).all()
-
-
-def test_none_is_just_normalisation():
-    x = _u8()
-    out = BatchAugment.from_config({"name": "none", "label_smoothing": 0.1}, MEAN, STD, 16)(x)
-    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
-    torch.testing.assert_close(out, (x.float() / 255 - mean) / std)
-
-
-def test_flip_and_pad_crop():
-    x = _u8(b=5)
-    norm = BatchAugment.normalize_only(MEAN, STD)
-    flipped = BatchAugment(MEAN, STD, hflip=1.0)(x)
-    torch.testing.assert_close(flipped, norm(x.flip(3)))
-    p = 2
-    out = BatchAugment(MEAN, STD, resolution=16, crop_padding=p / 16)(x, torch.Generator().manual_seed(1))
-    padded = torch.nn.functional.pad(norm(x), (p, p, p, p), value=float(norm(torch.zeros(1, 3, 1, 1, dtype=torch.uint8))[0, 0, 0, 0]))
-    shifts = set()
-    for i in range(len(x)):  # each output is some 16x16 window of the zero-padded image
-        hits = [(dy, dx) for dy in range(2 * p + 1) for dx in range(2 * p + 1)
-                if torch.allclose(out[i], padded[i, :, dy:dy + 16, dx:dx + 16])]
-        assert hits, f"sample {i} is not a crop of the padded image"
-        shifts.add(hits[0])
-    assert len(shifts) > 1  # offsets are drawn per sample
-
-
-def test_reflect_pad_crop_is_a_window_of_the_mirrored_image():
-    x = _u8(b=6)
-    norm = BatchAugment.normalize_only(MEAN, STD)
-    p = 3
-    aug = BatchAugment(MEAN, STD, resolution=16, crop_padding=p, padding_mode="reflect")
-    out = aug(x, torch.Generator().manual_seed(2))
-    padded = torch.nn.functional.pad(norm(x), (p, p, p, p), mode="reflect")
-    shifts = set()
-    for i in range(len(x)):
-        hits = [(dy, dx) for dy in range(2 * p + 1) for dx in range(2 * p + 1)
-                if torch.equal(out[i], padded[i, :, dy:dy + 16, dx:dx + 16])]
-        assert hits, f"sample {i} is not a crop of the reflect-padded image"
-        shifts.add(hits[0])
-    assert len(shifts) > 1 and any(0 in s or 2 * p in s for s in shifts)  # edges reached too
-    with pytest.raises(CnnBenchError, match="padding_mode must be one of constant, reflect"):
-        BatchAugment.from_config({"crop_padding": 2, "padding_mode": "mirror"}, MEAN, STD, 16)
-    with pytest.raises(CnnBenchError, match="crop_padding < the resolution"):
-        BatchAugment(MEAN, STD, resolution=16, crop_padding=16, padding_mode="reflect")
-
-
-def test_jitter_and_affine_are_per_sample():
-    same = _u8(b=1).expand(8, -1, -1, -1).contiguous()
-    for opts in ({"brightness": 0.4, "contrast": 0.4, "saturation": 0.4},
-                 {"rotation": 20.0, "translate": 0.1, "scale": (0.9, 1.1)}):
-        out = BatchAugment(MEAN, STD, **opts)(same, torch.Generator().manual_seed(0))
-        assert out.shape == same.shape
-        assert not torch.allclose(out[0], out[1])
-    lo = (0 - MEAN[0]) / STD[0]
-    hi = (1 - MEAN[0]) / STD[0]
-    out = BatchAugment(MEAN, STD, brightness=0.9)(same, torch.Generator().manual_seed(0))
-    assert out.min() >= lo - 1e-5 and out.max() <= hi + 1e-5  # jitter clamps to [0, 1]
-
-
-def test_augment_rejects_unknown_option():
-    with pytest.raises(CnnBenchError, match="did you mean: hflip"):
-        BatchAugment.from_config({"hflipp": 0.5}, MEAN, STD, 32)
 
 
 # --- imagefolder quirks ----------------------------------------------------------------------
