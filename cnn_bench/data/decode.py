@@ -132,17 +132,19 @@ def try_decode(source, i: int, resolution: int) -> tuple[torch.Tensor | None, st
         return None, f"cannot open: {exc.strerror or exc}"
 
 
-def check_image(path: str) -> str | None:
-    """Cheap readability check for up-front validation: ``None`` if fine, else the reason.
+def check_image(source, i: int) -> str | None:
+    """Cheap readability check of sample ``i`` of an ``ImageSource`` for up-front validation
+    (a file or an archive member): ``None`` if fine, else the reason.
 
     JPEGs are decoded at 1/8 scale (PIL draft), which still walks the whole entropy-coded
     stream, so truncation is caught at a fraction of a full decode's cost.
     """
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = source.raw(i)
     except OSError as exc:
         return f"cannot open: {exc.strerror or exc}"
+    if isinstance(data, torch.Tensor):  # decoded pixels: nothing to read
+        return None
     if not data:
         return "empty file"
     try:

@@ -87,7 +87,10 @@ class FileSource(ImageSource):
 
 
 class BlobSource(ImageSource):
-    """Encoded images held in memory (members of the bundled archive)."""
+    """Encoded images held in memory (members of the bundled archive, or of one passed as
+    ``dataset.root``)."""
+
+    needs_validation = True  # a user's archive may hold a broken member, like any folder
 
     def __init__(self, blobs: list[bytes], names: list[str], labels: list[int], fingerprint: str):
         super().__init__(names, labels, fingerprint)

@@ -2,8 +2,9 @@
 worker processes; batches go to the device with ``non_blocking=True`` and get the same batch
 augmentation as the in-memory path there.
 
-Files are validated up front (in parallel, result cached), so a worker never meets an
-unreadable image; if one still fails (changed during the run), the run ends with one line.
+Encoded images (files, archive members) are validated up front (in parallel, result cached), so
+a worker never meets an unreadable image; if one still fails (a file changed during the run),
+the run ends with one line.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class _CheckFiles(Dataset):
         return len(self.source)
 
     def __getitem__(self, i: int) -> tuple[int, str]:
-        return i, check_image(self.source.location(i)) or ""
+        return i, check_image(self.source, i) or ""
 
 
 def _as_list(items):
