@@ -40,8 +40,38 @@ _SCHEMA: dict[str, tuple[tuple[str, ...], tuple | None, float | None]] = {
     "dataset.resolution": ((_INT,), None, 8),
     "dataset.val_fraction": ((_FLOAT,), None, 0),
     "dataset.num_classes": ((_INT, _NONE), None, 1),
+    "dataset.in_memory": ((_STR, _BOOL), ("auto", True, False), None),
+    "dataset.max_memory_gb": ((_FLOAT,), None, 0),
+    "dataset.cache_dir": ((_STR, _NONE), None, None),
+    "dataset.num_workers": ((_INT,), None, 0),
+    "dataset.split_seed": ((_INT,), None, 0),
+    "augmentation.crop_padding": ((_FLOAT,), None, 0),
+    "augmentation.padding_mode": ((_STR,), ("constant", "reflect"), None),
+    "augmentation.hflip": ((_FLOAT,), None, 0),             # <= 1, checked below
+    "augmentation.hflip_alternate": ((_BOOL,), None, None),
+    "augmentation.brightness": ((_FLOAT,), None, 0),
+    "augmentation.contrast": ((_FLOAT,), None, 0),
+    "augmentation.saturation": ((_FLOAT,), None, 0),
+    "augmentation.rotation": ((_FLOAT,), None, 0),
+    "augmentation.translate": ((_FLOAT,), None, 0),
+    "augmentation.label_smoothing": ((_FLOAT,), None, 0),   # <= 1, checked below
     "model.width_mult": ((_FLOAT,), None, 0.01),
     "model.bn_momentum": ((_FLOAT, _NONE), None, 0),
+    "model.stem": ((_STR,), ("auto", "cifar", "imagenet"), None),
+    "model.pretrained": ((_BOOL,), None, None),
+    "model.weights": ((_STR, _NONE), None, None),
+    "model.dropout": ((_FLOAT,), None, 0),                  # <= 1, checked below
+    "model.zero_init_residual": ((_BOOL,), None, None),
+    "model.lrn": ((_BOOL,), None, None),
+    "model.groups": ((_INT,), None, 1),
+    "model.negative_slope": ((_FLOAT,), None, None),
+    "model.backbone": ((_STR,), None, None),
+    "model.head": ((_STR,), None, None),
+    "model.num_layers": ((_INT,), None, 1),
+    "model.feature_size": ((_INT,), None, 1),
+    "model.whiten": ((_BOOL,), None, None),
+    "model.dirac": ((_BOOL,), None, None),
+    "model.bn_scale": ((_BOOL,), None, None),
     "optimizer.lr": ((_FLOAT,), None, 0),
     "optimizer.weight_decay": ((_FLOAT,), None, 0),
     "optimizer.head_lr_mult": ((_FLOAT,), None, 0),
@@ -70,6 +100,12 @@ _SCHEMA: dict[str, tuple[tuple[str, ...], tuple | None, float | None]] = {
 }
 # Values that must be strictly positive (``minimum`` above is inclusive).
 _POSITIVE = ("scheduler.step_epochs", "scheduler.div_factor", "scheduler.final_div_factor")
+# Probabilities: at most 1.
+_AT_MOST_ONE = ("augmentation.hflip", "augmentation.label_smoothing", "model.dropout")
+# key -> (an example value, null allowed): lists of so many numbers
+_NUMBER_LISTS = {"dataset.mean": ("[0.485,0.456,0.406]", True),
+                 "dataset.std": ("[0.229,0.224,0.225]", True),
+                 "augmentation.scale": ("[0.9,1.1]", False)}
 
 
 def _kind(value: Any) -> str:
@@ -103,6 +139,21 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None and not value > 0:
             raise CnnBenchError(f"{key} must be > 0, got {value}")
+    for key in _AT_MOST_ONE:
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and value > 1:
+            raise CnnBenchError(f"{key} must be in [0, 1], got {value}")
+    for key, (example, nullable) in _NUMBER_LISTS.items():
+        value = OmegaConf.select(cfg, key, default="__absent__")
+        if value == "__absent__" or (value is None and nullable):
+            continue
+        n = example.count(",") + 1
+        if not (OmegaConf.is_list(value) and len(value) == n
+                and all(_kind(v) in (_INT, _FLOAT) for v in value)):
+            shown = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+            raise CnnBenchError(f"{key} must be a list of {n} numbers"
+                                f"{' (or null)' if nullable else ''}, e.g. {key}={example}; "
+                                f"got {shown!r}")
     pct_start = OmegaConf.select(cfg, "scheduler.pct_start", default=0.5)
     if not 0 < pct_start < 1:
         raise CnnBenchError(f"scheduler.pct_start must be in (0, 1), got {pct_start}")

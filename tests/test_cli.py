@@ -25,6 +25,7 @@ def run_cli(*args: str, script: str = "train.py") -> subprocess.CompletedProcess
     (["trainer.precision=fp8"], "trainer.precision must be one of"),
     (["-m", "model=speednet_s,resnet5O"], "unknown model 'resnet5O'"),
     (["trainer.epochs=[1"], "cannot parse override"),
+    (["augmentation=seed", "augmentation.scale=1.1"], "augmentation.scale must be a list of 2"),
 ])
 def test_config_mistakes_exit_with_one_line(args, expected):
     p = run_cli(*args)
@@ -67,6 +68,20 @@ def test_validate_accepts_the_defaults_and_int_for_float():
     (["optimizer.momentum=abc"], "optimizer.momentum must be a number"),
     (["optimizer.nesterov=maybe"], "optimizer.nesterov must be true or false"),
     (["finetune=partial", "finetune.unfreeze_stages=abc"], "finetune.unfreeze_stages must be an integer"),
+    # augmentation, data and model options were converted unchecked (TypeError from deep inside)
+    (["augmentation=seed", "augmentation.scale=1.1"],
+     "augmentation.scale must be a list of 2 numbers, e.g. augmentation.scale=[0.9,1.1]; got 1.1"),
+    (["augmentation=basic", "augmentation.hflip=yes"], "augmentation.hflip must be a number"),
+    (["augmentation=basic", "augmentation.hflip=1.5"], "augmentation.hflip must be in [0, 1]"),
+    (["augmentation=basic", "augmentation.crop_padding=four"], "augmentation.crop_padding must be a number"),
+    (["augmentation=basic", "augmentation.hflip_alternate=1"], "augmentation.hflip_alternate must be true or false"),
+    (["dataset.mean=0.5"], "dataset.mean must be a list of 3 numbers (or null)"),
+    (["dataset.std=[0.2,0.2,x]"], "dataset.std must be a list of 3 numbers (or null)"),
+    (["dataset.num_workers=-1"], "dataset.num_workers must be >= 0"),
+    (["dataset.in_memory=maybe"], "dataset.in_memory must be one of auto, True, False"),
+    (["model=regnet_bifpn", "model.num_layers=two"], "model.num_layers must be an integer"),
+    (["model=mobilenet_v2", "model.dropout=high"], "model.dropout must be a number"),
+    (["model=resnet18", "model.stem=tiny"], "model.stem must be one of auto, cifar, imagenet"),
 ])
 def test_validate_rejects_bad_values_before_training(overrides, expected):
     # Each of these used to surface as a traceback (some after an epoch had trained) or, for
