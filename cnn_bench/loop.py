@@ -103,7 +103,8 @@ def train_one_epoch(step_model: StepModel, loader, criterion, optimizer, schedul
                     grad_clip: float | None, log_steps: Callable, progress: bool,
                     freeze: FreezePlan | None = None, ema: ModelEma | None = None,
                     lookahead: Lookahead | None = None) -> dict:
-    """Train for one epoch; return mean loss, accuracy, images and seconds (synced once, at the end).
+    """Train for one epoch; return mean loss, accuracy, images, seconds (synced once, at the end)
+    and ``lr``, the schedule's lr of the epoch's last step (the ``train/lr`` logged with it).
 
     With ``ema``, the average is updated after every optimizer step (a skipped fp16 step still
     counts: telling would need a host sync; timm does the same); ``lookahead`` syncs first, so
@@ -116,6 +117,7 @@ def train_one_epoch(step_model: StepModel, loader, criterion, optimizer, schedul
     seen = 0
     pending: list[torch.Tensor] = []   # per-step losses, flushed to the log at log_every steps
     pending_lr: list[float] = []
+    last_lr = base_lr(optimizer)
     bar = _bar(n_batches, f"train {state.epoch + 1}", progress)
     t0 = time.perf_counter()
     for i, (x, y) in enumerate(loader):
@@ -135,7 +137,8 @@ def train_one_epoch(step_model: StepModel, loader, criterion, optimizer, schedul
             lookahead.update(state.global_step)
         if ema is not None:
             ema.update(state.global_step)
-        pending_lr.append(base_lr(optimizer))
+        last_lr = base_lr(optimizer)  # the lr this step used: the scheduler moves it next
+        pending_lr.append(last_lr)
         scheduler.step()
         loss = loss.detach()
         loss_sum += loss.float() * y.shape[0]
@@ -159,7 +162,7 @@ def train_one_epoch(step_model: StepModel, loader, criterion, optimizer, schedul
     seconds = time.perf_counter() - t0
     bar.close()
     return {"loss": (loss_sum / max(seen, 1)).item(), "acc": correct.item() / max(seen, 1),
-            "images": seen, "seconds": seconds}
+            "images": seen, "seconds": seconds, "lr": last_lr}
 
 
 def hflip(x: torch.Tensor) -> torch.Tensor:

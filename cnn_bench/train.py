@@ -29,7 +29,7 @@ from cnn_bench.loop import (StepModel, TrainState, compile_warmup, evaluate, fir
 from cnn_bench.models.build import build_model
 from cnn_bench.models.pretrained import pretrained_normalization
 from cnn_bench.models.profile import count_flops, count_params
-from cnn_bench.optim import base_lr, build_optimizer, build_scheduler, load_optimizer_state
+from cnn_bench.optim import build_optimizer, build_scheduler, load_optimizer_state
 from cnn_bench.runlog import RunLog, write_json
 from cnn_bench.runtime import resolve_runtime, rng_state, seed_everything, set_rng_state
 
@@ -244,7 +244,7 @@ def run(cfg: DictConfig) -> dict:
         record = {"epoch": state.epoch, "step": state.global_step,
                   "train/loss": train_m["loss"], "train/acc": train_m["acc"],
                   "val/loss": val_m["loss"], "val/acc": val_m["acc"],
-                  "lr": base_lr(optimizer), "epoch_time_s": train_m["seconds"],
+                  "lr": train_m["lr"], "epoch_time_s": train_m["seconds"],
                   "val_time_s": val_m.get("seconds"),
                   "train/images_per_s": train_m["images"] / max(train_m["seconds"], 1e-9)}
         if state.epoch == first_epoch:

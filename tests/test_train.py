@@ -68,6 +68,13 @@ def test_tensorboard_has_scalars(trained):
         assert tag in tags, tag
     assert len(acc.Scalars("train/loss_step")) == summary["steps"]  # every step, not sampled
     assert len(acc.Scalars("val/acc")) == 2
+    # an epoch's lr is its last step's (the scheduler moves every step): the lr that step used,
+    # not the next epoch's first
+    step_lr = {e.step: e.value for e in acc.Scalars("train/lr")}
+    lines = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(set(step_lr.values())) > 2
+    for ln in lines:
+        assert ln["lr"] == pytest.approx(step_lr[ln["step"]], rel=1e-6)
 
 
 def test_evaluate_reproduces_final_val_acc(trained):
