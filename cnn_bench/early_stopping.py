@@ -27,6 +27,9 @@ def check(cfg, record: dict, state) -> str | None:
         return None
     state.es_wait += 1
     if state.es_wait >= cfg.patience:
-        return (f"early stopping: {cfg.monitor} did not improve by more than {cfg.min_delta} "
-                f"for {cfg.patience} epochs (best {state.es_best}, at epoch {state.epoch})")
+        # es_wait counts the epochs since the last improvement, so that one was epoch - wait
+        best = ("no finite value yet" if state.es_best is None else
+                f"best {state.es_best} at epoch {state.epoch - state.es_wait}")
+        return (f"early stopping at epoch {state.epoch}: {cfg.monitor} did not improve by more "
+                f"than {cfg.min_delta} for {cfg.patience} epochs ({best})")
     return None

@@ -5,7 +5,8 @@ that the trained model is pulled back to every few optimizer steps.
 ``slow = slow + w * (model - slow)``, then ``model = slow``, with
 ``w = 1 - lookahead_decay * (n / total_steps) ** 3``: early in the run the slow copy simply follows
 the model (w = 1), near the end it keeps ``lookahead_decay`` of itself per sync. After the run's
-last step the model takes the slow weights, so validation, checkpoints and the test score them.
+last step the model takes the slow weights, so validation, checkpoints and the test score them
+(an early-stopped run ends where it stopped, on the weights its last validation scored).
 
 Unlike EMA (``trainer.ema_decay``), this changes the trajectory of training itself, not only
 the weights that are scored. Both can be on at once (the EMA then averages the pulled-back model).

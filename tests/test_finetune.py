@@ -67,7 +67,9 @@ def test_early_stopping_on_plateau(tiny_folder, tmp_path):
                                         "augmentation=none"))
     summary = train_mod.run(cfg)
     assert summary["epochs"] == 3
-    assert summary["stop_reason"].startswith("early stopping: val/acc did not improve")
+    assert summary["stop_reason"].startswith("early stopping at epoch 3: val/acc did not improve")
+    # the best value was first reached at epoch 1 (the message named the stopping epoch)
+    assert summary["stop_reason"].endswith(f"(best {summary['best_val_acc']} at epoch 1)")
 
 
 @pytest.mark.parametrize("value, best, mode, min_delta, expected", [
