@@ -76,3 +76,30 @@ def model_weights(ckpt: dict, use_ema: bool = True) -> tuple[dict, str]:
     if use_ema and ckpt.get("model_ema") is not None:
         return ckpt["model_ema"], "ema"
     return ckpt["model"], "raw"
+
+
+# The settings a checkpoint's model, optimizer and scheduler states are shaped by.
+RESUME_GROUPS = ("model", "optimizer", "scheduler", "finetune")
+
+
+def settings_changed(ckpt: dict, cfg, groups=RESUME_GROUPS, limit: int = 4) -> list[str]:
+    """``key: then -> now`` for the leaves of ``groups`` where the checkpoint's config (its YAML
+    string) and ``cfg`` differ, at most ``limit`` of them."""
+    from omegaconf import OmegaConf
+
+    def leaves(node, prefix=""):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                yield from leaves(v, f"{prefix}.{k}" if prefix else str(k))
+        else:
+            yield prefix, node
+
+    then = OmegaConf.to_container(OmegaConf.create(ckpt.get("config") or "{}"))
+    now = OmegaConf.to_container(cfg, resolve=True)
+    old = dict(leaves({g: then.get(g) for g in groups}))
+    new = dict(leaves({g: now.get(g) for g in groups}))
+    unset = "(unset)"
+    keys = sorted(old.keys() | new.keys(), key=lambda k: (not k.endswith((".name", ".mode")), k))
+    diffs = [f"{k}: {old.get(k, unset)!r} -> {new.get(k, unset)!r}".replace(repr(unset), unset)
+             for k in keys if old.get(k, unset) != new.get(k, unset)]
+    return diffs[:limit] + ([f"{len(diffs) - limit} more"] if len(diffs) > limit else [])

@@ -102,10 +102,11 @@ _SCHEMA: dict[str, tuple[tuple[str, ...], tuple | None, float | None]] = {
 _POSITIVE = ("scheduler.step_epochs", "scheduler.div_factor", "scheduler.final_div_factor")
 # Probabilities: at most 1.
 _AT_MOST_ONE = ("augmentation.hflip", "augmentation.label_smoothing", "model.dropout")
-# key -> (an example value, null allowed): lists of so many numbers
-_NUMBER_LISTS = {"dataset.mean": ("[0.485,0.456,0.406]", True),
-                 "dataset.std": ("[0.229,0.224,0.225]", True),
-                 "augmentation.scale": ("[0.9,1.1]", False)}
+# key -> (an example value, null allowed, each number in [0, 1)): lists of so many numbers
+_NUMBER_LISTS = {"dataset.mean": ("[0.485,0.456,0.406]", True, False),
+                 "dataset.std": ("[0.229,0.224,0.225]", True, False),
+                 "augmentation.scale": ("[0.9,1.1]", False, False),
+                 "optimizer.betas": ("[0.9,0.999]", False, True)}
 
 
 def _kind(value: Any) -> str:
@@ -143,15 +144,17 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None and value > 1:
             raise CnnBenchError(f"{key} must be in [0, 1], got {value}")
-    for key, (example, nullable) in _NUMBER_LISTS.items():
+    for key, (example, nullable, unit) in _NUMBER_LISTS.items():
         value = OmegaConf.select(cfg, key, default="__absent__")
         if value == "__absent__" or (value is None and nullable):
             continue
         n = example.count(",") + 1
         if not (OmegaConf.is_list(value) and len(value) == n
-                and all(_kind(v) in (_INT, _FLOAT) for v in value)):
+                and all(_kind(v) in (_INT, _FLOAT) for v in value)
+                and (not unit or all(0 <= v < 1 for v in value))):
             shown = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
             raise CnnBenchError(f"{key} must be a list of {n} numbers"
+                                f"{' in [0, 1)' if unit else ''}"
                                 f"{' (or null)' if nullable else ''}, e.g. {key}={example}; "
                                 f"got {shown!r}")
     pct_start = OmegaConf.select(cfg, "scheduler.pct_start", default=0.5)

@@ -26,7 +26,11 @@ def _finite_or_none(v):
 class RunLog:
     """Writes one run's metrics to TensorBoard (``<run>/tb``) and ``<run>/metrics.jsonl``."""
 
-    def __init__(self, output_dir: str | Path, start_step: int = 0, start_epoch: int = 0):
+    def __init__(self, output_dir: str | Path, start_step: int = 0, start_epoch: int = 0,
+                 history: list[dict] | None = None):
+        """``history``: the epoch records of a resumed run's earlier attempts (its checkpoint's
+        ``state.history``), written again where this directory has none of them (a run resumed
+        from a checkpoint elsewhere), so its metrics and curves start at epoch 1."""
         self.dir = Path(output_dir)
         # purge_step drops events a crashed run wrote past its last checkpoint (steps > start_step:
         # the checkpointed epoch's own record is logged at start_step and stays), so resumed
@@ -35,12 +39,14 @@ class RunLog:
         self.metrics_path = self.dir / "metrics.jsonl"
         if start_epoch == 0:
             self.metrics_path.write_text("")
-        else:
+        elif self.metrics_path.exists():
             self._truncate_metrics(start_epoch)
+        else:
+            self.metrics_path.write_text("")
+            for record in history or []:
+                self.epoch(record["step"], record)
 
     def _truncate_metrics(self, keep_epochs: int) -> None:
-        if not self.metrics_path.exists():
-            return
         lines = [ln for ln in self.metrics_path.read_text().splitlines() if ln.strip()]
         kept = [ln for ln in lines if json.loads(ln).get("epoch", 0) <= keep_epochs]
         self.metrics_path.write_text("".join(ln + "\n" for ln in kept))

@@ -16,7 +16,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from cnn_bench.checkpoint import FORMAT, atomic_link, atomic_save, load_checkpoint, model_weights
+from cnn_bench.checkpoint import (FORMAT, atomic_link, atomic_save, load_checkpoint, model_weights,
+                                  settings_changed)
 from cnn_bench.config import validate
 from cnn_bench.data import build_data
 from cnn_bench import early_stopping
@@ -170,9 +171,16 @@ def run(cfg: DictConfig) -> dict:
         # Loaded on the CPU: RNG states must stay there, and load_state_dict copies model and
         # optimizer tensors to the parameters' device itself.
         ck = load_checkpoint(resume)
-        model.load_state_dict(ck["model"])
-        load_optimizer_state(optimizer, ck["optimizer"])
-        scheduler.load_state_dict(ck["scheduler"])
+        try:
+            model.load_state_dict(ck["model"])
+            load_optimizer_state(optimizer, ck["optimizer"])
+            scheduler.load_state_dict(ck["scheduler"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            changed = settings_changed(ck, cfg) or [str(e).strip().splitlines()[0][:160]]
+            raise CnnBenchError(
+                f"cannot resume from {resume}: it was trained with other settings "
+                f"({'; '.join(changed)}); resume with the same model, optimizer, scheduler and "
+                f"finetune settings, or train anew without trainer.resume") from None
         if ck["scaler"]:  # empty when the earlier attempt ran without one (bf16, fp32, CPU)
             scaler.load_state_dict(ck["scaler"])
         if ema is not None:
@@ -194,11 +202,17 @@ def run(cfg: DictConfig) -> dict:
             # behind, and nothing would renew it: link it again (a no-op when it is current).
             ckpt_dir.mkdir(parents=True, exist_ok=True)
             atomic_link(resume, ckpt_dir / "best.pt")
+        elif not (ckpt_dir / "best.pt").exists() and (resume.parent / "best.pt").exists():
+            # trainer.resume=<path> into a new run directory: its best so far comes along, or a
+            # run whose later epochs never beat it would end without best.pt and test score
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            atomic_link(resume.parent / "best.pt", ckpt_dir / "best.pt")
         log.info("resumed from %s at epoch %d", resume, state.epoch)
 
     # A resumed run's wall time continues from its earlier attempts' (downtime not counted).
     wall_before = state.wall_time_s
-    runlog = RunLog(out, start_step=state.global_step, start_epoch=state.epoch)
+    runlog = RunLog(out, start_step=state.global_step, start_epoch=state.epoch,
+                    history=state.history)
     step_model = StepModel(model, tr.compile, tr.get("compile_mode", "default"))
     # Validation and test score the EMA weights when EMA is on (timm's --model-ema does too).
     eval_model = (StepModel(ema.module, tr.compile, tr.get("compile_mode", "default"))

@@ -82,6 +82,7 @@ def test_validate_accepts_the_defaults_and_int_for_float():
     (["model=regnet_bifpn", "model.num_layers=two"], "model.num_layers must be an integer"),
     (["model=mobilenet_v2", "model.dropout=high"], "model.dropout must be a number"),
     (["model=resnet18", "model.stem=tiny"], "model.stem must be one of auto, cifar, imagenet"),
+    (["optimizer=adam", "optimizer.betas=[0.9,1.5]"], "optimizer.betas must be a list of 2 numbers in [0, 1)"),
 ])
 def test_validate_rejects_bad_values_before_training(overrides, expected):
     # Each of these used to surface as a traceback (some after an epoch had trained) or, for

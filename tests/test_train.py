@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 import cnn_bench.train as train_mod
 from cnn_bench import evaluate as evaluate_mod
 from cnn_bench.checkpoint import load_checkpoint
+from cnn_bench.errors import CnnBenchError
 from cnn_bench.models.build import build_model
 from conftest import compose_config, interrupt_after_first_epoch, interrupting, tiny_overrides
 
@@ -206,3 +207,49 @@ def test_resume_relinks_best_after_an_interrupted_link(tiny_folder, tmp_path, mo
     summary = train_mod.run(compose_config(tiny_overrides(tiny_folder, out, "trainer.resume=auto")))
     assert summary["best_epoch"] == 2
     assert load_checkpoint(out / "checkpoints/best.pt")["state"]["epoch"] == 2
+
+
+def test_resume_from_a_path_into_a_new_directory_keeps_best_and_history(tiny_folder, tmp_path,
+                                                                        monkeypatch):
+    # trainer.resume=<last.pt> without hydra.run.dir resumes into a new directory. Its best.pt
+    # came along only when the checkpoint's own epoch was the best, so a run whose best was
+    # earlier ended without best.pt (test_acc null), and its metrics started at the resumed epoch.
+    real_eval, real_epoch = train_mod.evaluate, train_mod.train_one_epoch
+    evals = []
+
+    def worsening(*a, **k):  # validation peaks at epoch 1
+        evals.append(1)
+        return {**real_eval(*a, **k), "acc": 1.0 - 0.1 * len(evals)}
+
+    monkeypatch.setattr(train_mod, "evaluate", worsening)
+    monkeypatch.setattr(train_mod, "train_one_epoch", interrupting(real_epoch, 3))
+    old = tmp_path / "old"
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.run(compose_config(tiny_overrides(tiny_folder, old, "trainer.epochs=3")))
+    monkeypatch.setattr(train_mod, "train_one_epoch", real_epoch)
+    new = tmp_path / "new"
+    summary = train_mod.run(compose_config(tiny_overrides(
+        tiny_folder, new, "trainer.epochs=3", f"trainer.resume={old / 'checkpoints/last.pt'}")))
+    assert summary["best_epoch"] == 1 and summary["test_acc"] is not None
+    assert load_checkpoint(new / "checkpoints/best.pt")["state"]["epoch"] == 1
+    lines = [json.loads(ln) for ln in (new / "metrics.jsonl").read_text().splitlines()]
+    assert [ln["epoch"] for ln in lines] == [1, 2, 3]
+    assert _scalar_steps(new, "val/acc") == [ln["step"] for ln in lines]
+
+
+@pytest.mark.parametrize("change, named", [
+    ("optimizer=adam", "optimizer.name: 'sgd' -> 'adam'"),
+    ("model.width_mult=0.5", "model.width_mult: 1.0 -> 0.5"),
+    ("finetune=head", "finetune.mode: 'full' -> 'head'"),
+])
+def test_resume_with_other_settings_is_one_line(trained, tiny_folder, tmp_path, change, named):
+    # Each ended in a traceback (KeyError: 'step', "different number of parameter groups",
+    # a size-mismatch dump) that did not say which setting differed.
+    out, _ = trained
+    cfg = compose_config(tiny_overrides(tiny_folder, tmp_path / "r", change,
+                                        f"trainer.resume={out / 'checkpoints/last.pt'}"))
+    with pytest.raises(CnnBenchError) as e:
+        train_mod.run(cfg)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"cannot resume from {out / 'checkpoints/last.pt'}")
+    assert named in msg
