@@ -40,7 +40,25 @@ def _trainable_prefixes(model: nn.Module, mode: str, unfreeze_stages: int) -> li
     if not 0 <= unfreeze_stages <= len(stages):
         raise CnnBenchError(f"finetune.unfreeze_stages must be between 0 and {len(stages)} "
                             f"for this model (its stages: {', '.join(stages)})")
-    return [head, *stages[len(stages) - unfreeze_stages:]]
+    if unfreeze_stages == 0:
+        return [head]
+    # Everything registered from the first unfrozen stage on trains, not only the named stages:
+    # timm's stages are feature_info's tap points (efficientnet_b0: blocks.0, 1, 2, 4, 6), so
+    # blocks between two taps belong to the later stage and conv_head/bn2 sit between the last
+    # one and the classifier. A stage starts right after the previous one ends; the first at
+    # its own start (the zoo's stem precedes it and trains with finetune=full only), or at the
+    # model's start where stages are taps (timm's first tap is the stem's output).
+    names = [n for n, _ in model.named_modules()]
+    first = len(stages) - unfreeze_stages
+    if first == 0:
+        start = 1 if getattr(model, "stage_taps", False) else names.index(stages[0])
+    else:
+        start = max(i for i, n in enumerate(names) if _owns(stages[first - 1], n)) + 1
+    keep: list[str] = []
+    for name in names[start:]:  # pre-order: a module's descendants follow it
+        if not (keep and _owns(keep[-1], name)):
+            keep.append(name)
+    return [head, *keep]
 
 
 def apply_finetune(model: nn.Module, cfg) -> FreezePlan:

@@ -79,3 +79,53 @@ def test_early_stopping_on_plateau(tiny_folder, tmp_path):
 ])
 def test_improved(value, best, mode, min_delta, expected):
     assert improved(value, best, mode, min_delta) is expected
+
+
+class _TapNet(torch.nn.Module):
+    """Stages named by feature taps as timm's feature_info names them: ``b0``, ``b2`` (``b1``
+    between the taps), then ``conv_head`` between the last tap and the classifier."""
+
+    def __init__(self, taps: bool):
+        super().__init__()
+        conv = lambda: torch.nn.Conv2d(2, 2, 1)  # noqa: E731
+        self.stem, self.b0, self.b1, self.b2, self.conv_head = (conv() for _ in range(5))
+        self.fc = torch.nn.Linear(2, 3)
+        self.classifier_name, self.stage_names = "fc", ["b0", "b2"]
+        if taps:
+            self.stage_taps = True
+
+
+def _trainable(model) -> list[str]:
+    return sorted({n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad})
+
+
+@pytest.mark.parametrize("taps", [False, True])
+@pytest.mark.parametrize("stages, want", [
+    (0, ["fc"]),
+    # b1 sits between the taps (it belongs to b2's stage), conv_head between b2 and fc: both
+    # stayed frozen when only the named modules were unfrozen
+    (1, ["b1", "b2", "conv_head", "fc"]),
+    (2, ["b0", "b1", "b2", "conv_head", "fc"]),  # all stages: the stem only where stages are taps
+])
+def test_partial_trains_everything_from_the_first_unfrozen_stage_on(taps, stages, want):
+    from cnn_bench.finetune import apply_finetune
+
+    model = _TapNet(taps)
+    plan = apply_finetune(model, {"mode": "partial", "unfreeze_stages": stages})
+    expected = sorted(["stem", *want] if taps and stages == 2 else want)
+    assert _trainable(model) == expected
+    assert sorted(plan.frozen) == sorted({"stem", "b0", "b1", "b2", "conv_head"} - set(expected))
+
+
+def test_partial_on_timm_efficientnet_trains_every_block_after_the_frozen_stages():
+    pytest.importorskip("timm")
+    from cnn_bench.finetune import apply_finetune
+    from cnn_bench.models import build_model
+
+    model = build_model({"source": "timm", "name": "efficientnet_b0"}, 10, 32)
+    assert model.stage_names[-2:] == ["model.blocks.4", "model.blocks.6"]
+    apply_finetune(model, {"mode": "partial", "unfreeze_stages": 2})
+    trained = {".".join(n.split(".")[1:3]) if n.startswith("model.blocks") else n.split(".")[1]
+               for n, p in model.named_parameters() if p.requires_grad}
+    assert trained == {"blocks.3", "blocks.4", "blocks.5", "blocks.6", "conv_head", "bn2",
+                       "classifier"}

@@ -143,7 +143,11 @@ class PassthroughModel(nn.Module):
 
 class TimmModel(PassthroughModel):
     """A timm model: its own ``forward_features``/``forward_head`` (pooling included in the head),
-    its ``pretrained_cfg["classifier"]`` and ``feature_info`` module names where present."""
+    its ``pretrained_cfg["classifier"]`` and ``feature_info`` module names where present.
+
+    ``feature_info`` names the module that ends each stage (a feature tap), not a container:
+    ``stage_taps`` tells fine-tuning that a stage runs from the previous tap, the first from the
+    model's start."""
 
     def __init__(self, model: nn.Module, num_classes: int):
         super().__init__(model, num_classes, "timm")
@@ -156,6 +160,7 @@ class TimmModel(PassthroughModel):
             names = [_submodule_path(model, f["module"]) for f in info]
             if all(names):
                 self.stage_names = ["model." + n for n in names]
+                self.stage_taps = True
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.forward_features(x)
