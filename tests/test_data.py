@@ -310,6 +310,10 @@ def test_file_broken_mid_run_ends_in_one_line(folder, tmp_path):
 def test_mean_std_null_is_measured(folder, tmp_path):
     b = build(cfg(folder, mean=None, std=None, cache_dir=str(tmp_path / "c")))
     assert all(0 < m < 1 for m in b.mean) and all(0 < s < 0.5 for s in b.std)
+    # streaming cannot measure cheaply: ImageNet's, and a warning saying so (it was silent)
+    with pytest.warns(UserWarning, match="normalising with ImageNet's statistics"):
+        s = build(cfg(folder, mean=None, std=None, in_memory=False, cache_dir=str(tmp_path / "c")))
+    assert s.mean == (0.485, 0.456, 0.406) and s.std == (0.229, 0.224, 0.225)
     x = torch.cat([x for x, _ in build(cfg(folder, mean=b.mean, std=b.std,
                                               cache_dir=str(tmp_path / "c"))).train])
     assert x.shape[0] > 0

@@ -198,4 +198,10 @@ def _stats(cfg: dict, sets: SplitSet, train_images: torch.Tensor | None):
         return sets.mean, sets.std
     if train_images is not None and len(train_images):
         return channel_stats(train_images)
+    # The same command measures in memory and not here (in_memory=auto follows free memory):
+    # say which normalisation this run got, and how to pin one.
+    warnings.warn("dataset.mean/std are null and the data streams (too big to hold, or "
+                  "in_memory=false): normalising with ImageNet's statistics instead of measured "
+                  "ones; python -m cnn_bench.stats measures them to set in dataset.mean/std",
+                  stacklevel=3)
     return IMAGENET_MEAN, IMAGENET_STD
