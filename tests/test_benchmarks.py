@@ -57,6 +57,35 @@ def test_throughput_smoke(tmp_path):
     assert float(a[10].split(" ")[0]) >= 0  # data %: rounds to 0.0 next to a CPU step
 
 
+def test_throughput_compile_times_train_and_eval_through_the_compiled_model(monkeypatch, capsys,
+                                                                            one_thread):
+    # Under --compile the eval img/s came from the eager model on both paths (the trainer
+    # evaluates through the compiled one). A counting stand-in for torch.compile shows the route.
+    import collections
+
+    import torch
+
+    from benchmarks import throughput
+
+    calls = collections.Counter()
+
+    class Counting(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            calls["train" if self.m.training else "eval"] += 1
+            return self.m(x)
+
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: Counting(m))
+    throughput.main(["speednet_s:16:8", "--compile", "--steps", "2", "--warmup-steps", "1",
+                     "--eval-steps", "3", "--repeats", "1", "--device", "cpu"])
+    assert "fp32, compile" in capsys.readouterr().out
+    # per path: 1 warm-up + 2 timed steps; 1 untimed (compiling) + 3 timed eval batches
+    assert calls == {"train": 2 * 3, "eval": 2 * 4}
+
+
 def test_vs_timm_smoke_without_timm(tiny_folder, tmp_path):
     out = tmp_path / "vs_timm.md"
     proc = _run("vs_timm.py", "--smoke", "--data", str(tiny_folder), "--resolution", "16",
