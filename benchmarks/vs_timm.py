@@ -265,10 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.train_per_class or args.test_per_class:
         data = common.make_subset(data, work / "subset", {"train": args.train_per_class,
                                                           args.val_split: args.test_per_class})
-    elif args.val_split not in VAL_DIRS and any((data / d).is_dir() for d in VAL_DIRS):
-        # cnn_bench validates on val/ when there is one: a view with only train/ and the
-        # --val-split folder makes it evaluate what the other runners evaluate
-        data = common.make_subset(data, work / "view", {"train": None, args.val_split: None})
+    else:
+        data = same_splits_view(data, args.val_split, work / "view")
     env = {"CNN_BENCH_CACHE": str(work / "cnn_bench_cache"), "HYDRA_FULL_ERROR": "1"}
     if args.threads:
         env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
@@ -334,6 +332,17 @@ def main(argv: list[str] | None = None) -> int:
         verdicts.append(f"- timm: not measured ({tm.failure})")
     common.emit("\n".join(header) + "\n" + table + "\n\n" + "\n".join(verdicts), args.out)
     return 0 if cb.walls else 1
+
+
+def same_splits_view(root: Path, val_split: str, view: Path) -> Path:
+    """``root``, or a view of it with only ``train/`` and ``val_split/`` when it has other split
+    folders: cnn_bench validates on the first of val/, validation/, valid/ it finds and also
+    scores test/ at the end when both exist, while the other runners evaluate ``val_split`` once
+    per epoch; with only those two folders every runner evaluates the same images, once."""
+    others = [d for d in (*VAL_DIRS, "test") if d != val_split and (root / d).is_dir()]
+    if not others:
+        return root
+    return common.make_subset(root, view, {"train": None, val_split: None})
 
 
 def slug(name: str) -> str:

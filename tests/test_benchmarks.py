@@ -86,6 +86,24 @@ def test_throughput_compile_times_train_and_eval_through_the_compiled_model(monk
     assert calls == {"train": 2 * 3, "eval": 2 * 4}
 
 
+@pytest.mark.parametrize("splits, val_split, view", [
+    (("train", "test"), "test", False),
+    (("train", "val"), "val", False),
+    # cnn_bench would also score test/ at the end (extra work in its wall time) ...
+    (("train", "val", "test"), "val", True),
+    # ... or validate on val/ while the other runners evaluate valid/
+    (("train", "val", "valid"), "valid", True),
+    (("train", "val", "test"), "test", True),
+])
+def test_vs_timm_gives_every_runner_the_same_splits(tmp_path, splits, val_split, view):
+    from datagen import make_imagefolder
+
+    root = make_imagefolder(tmp_path / "root", per_class=1, splits=splits)
+    got = vs_timm.same_splits_view(root, val_split, tmp_path / "view")
+    assert (got != root) is view
+    assert sorted(p.name for p in got.iterdir() if p.is_dir()) == sorted(["train", val_split])
+
+
 def test_vs_timm_smoke_without_timm(tiny_folder, tmp_path):
     out = tmp_path / "vs_timm.md"
     proc = _run("vs_timm.py", "--smoke", "--data", str(tiny_folder), "--resolution", "16",
