@@ -17,7 +17,8 @@ per-repeat ratio cnn_bench / plain (> 1: cnn_bench is faster). Peak memory is th
 allocator's peak on GPU, the process's peak RSS on CPU. "data %" is the time the cnn_bench
 loader alone needs per batch (index + augment + normalise, synced) over the training step time;
 the steps train without augmentation, and ``--loader-experiment cifar10_speedrun`` times the
-loader with that recipe's augmentation instead.
+loader with that recipe's augmentation instead (and builds that recipe's model, speednet, with
+its options: whitening stem, dirac init, frozen BN scales, BN momentum).
 
 Examples::
 
@@ -106,6 +107,13 @@ def load_data(args, cfg, rt, n_images: int):
     return data.train.images, data.train.labels, data.num_classes
 
 
+def data_init(model, x) -> None:
+    """The data-dependent initialisation the trainer does (SpeedNet's whitening stem), from a
+    first normalised batch: the same network in both paths, whatever the spec's options."""
+    if getattr(model, "wants_data_init", False):
+        model.init_from_data(x)
+
+
 def run_cnn_bench(cfg, rt, images, labels, num_classes, args, seed: int, loader_aug=None) -> dict:
     """One repeat of path (a): cnn_bench's loader, model, optimizer and loop functions;
     ``loader_aug`` (an augmentation config) is the one the loader-alone pass times."""
@@ -129,6 +137,8 @@ def run_cnn_bench(cfg, rt, images, labels, num_classes, args, seed: int, loader_
                                device=rt.device, seed=seed, channels_last=rt.channels_last)
     torch.manual_seed(seed)
     model = build_model(cfg.model, num_classes, res).to(rt.device, memory_format=rt.memory_format)
+    train_loader.set_epoch(0)
+    data_init(model, next(iter(train_loader))[0])
     optimizer = build_optimizer(cfg.optimizer, model, rt.device)
     steps_per_epoch = len(train_loader)
     scheduler = build_scheduler(cfg.scheduler, optimizer, steps_per_epoch, 2)
@@ -191,6 +201,7 @@ def run_plain(cfg, rt, images, labels, num_classes, args, seed: int) -> dict:
         return common.tensor_batches(images, labels, bs, order=order, norm=norm,
                                      channels_last=rt.channels_last, drop_last=shuffle)
 
+    data_init(model, next(iter(batches(True)))[0])
     kw = {"device": rt.device, "amp_dtype": amp_dtype}
     common.plain_train(fn, opt, batches(True), scaler=scaler, limit=args.warmup_steps, **kw)
     common.reset_peak_memory(rt.device)
@@ -222,6 +233,12 @@ def bench_spec(spec: Spec, args) -> tuple[list[list[str]], str, dict]:
         overrides = [o for o in overrides if o.startswith("dataset=")] + [
             o for o in overrides if not o.startswith("dataset=")]
     cfg = compose(overrides)
+    loader_aug = None
+    if args.loader_experiment:
+        exp = compose([common.experiment_override(args.loader_experiment)])
+        loader_aug = exp.augmentation
+        if exp.model.name == spec.model:  # the recipe's network, not the YAML's defaults
+            cfg.model = exp.model         # (the speedrun's speednet: whitening stem, dirac...)
     from cnn_bench.runtime import resolve_runtime
 
     rt = resolve_runtime(cfg.trainer)
@@ -230,9 +247,6 @@ def bench_spec(spec: Spec, args) -> tuple[list[list[str]], str, dict]:
     if len(images) < spec.batch_size * max(args.steps, args.warmup_steps, args.eval_steps):
         raise SystemExit(f"error: {args.data} has {len(images)} training images; need batch x "
                          f"steps = {n_images} (lower --steps)")
-    loader_aug = None
-    if args.loader_experiment:
-        loader_aug = compose([common.experiment_override(args.loader_experiment)]).augmentation
     results = {"cnn_bench": Measured(), "plain": Measured()}
     ratios_train, ratios_eval = [], []
     for r in range(args.repeats):
@@ -295,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
                         "use 1: spinning OpenMP threads then wait for descheduled peers")
     p.add_argument("--loader-experiment", metavar="NAME",
                    help="time the loader-alone pass ('data %% of step') with the augmentation of "
-                        "conf/experiment/NAME.yaml (default: the trained one, augmentation=none)")
+                        "conf/experiment/NAME.yaml (default: the trained one, augmentation=none); "
+                        "a spec of NAME's model is built with NAME's model options")
     p.add_argument("--smoke", action="store_true",
                    help="a few steps, one repeat each way (checks the code path, not speed)")
     p.add_argument("--out", help="also write the markdown report to this file")
@@ -328,7 +343,9 @@ def main(argv: list[str] | None = None) -> int:
               "- train/eval vs plain: per-repeat ratio of images/s, cnn_bench / plain (> 1 = "
               "cnn_bench faster); data % of step: the cnn_bench loader alone, per batch, over "
               "the step time" + (f", its augmentation {args.loader_experiment}'s"
-                                 if args.loader_experiment else " (no augmentation)"), ""]
+                                 if args.loader_experiment else " (no augmentation)"),
+              *([f"- a model that {args.loader_experiment} trains is built with its options "
+                 f"there (both paths)"] if args.loader_experiment else []), ""]
     common.emit("\n".join(header) + "\n" + table, args.out)
     if args.json:
         import json
