@@ -361,6 +361,31 @@ def test_launcher_slots_follow_the_visible_gpus(monkeypatch):
     assert LocalGpusLauncher(n_jobs=3)._slots() == [None, None, None]
 
 
+@pytest.mark.parametrize("before, code, after", [
+    # Ctrl-C while a worker was still starting up overwrote a finished job with "failed" (the
+    # report counted it failed, the next rerun trained it again)
+    ("done", -2, "done"),
+    (None, -2, "interrupted"),       # a job that had not begun: Ctrl-C, not a failure
+    ("running", 130, "interrupted"),
+    ("interrupted", -2, "interrupted"),  # the worker recorded it itself
+    (None, -9, "failed"),
+    ("done", 3, "done"),
+])
+def test_launcher_records_a_worker_without_result_by_what_happened(tmp_path, before, code, after):
+    from omegaconf import OmegaConf
+
+    from cnn_bench.sweep.status import write_status
+    from hydra_plugins.cnn_bench_launcher.local_gpus_launcher import LocalGpusLauncher, _Job
+
+    job = _Job(0, ["+case=x"], OmegaConf.create({"hydra": {}, "case": "x"}), tmp_path / "job")
+    if before:
+        write_status(job.dir, before)
+        if before == "done":
+            (job.dir / "summary.json").write_text("{}")
+    LocalGpusLauncher()._read_result(job, tmp_path / "no_result.pkl", code)
+    assert read_status(job.dir)["status"] == after
+
+
 @pytest.mark.parametrize("launcher", ["slurm", "submitit_slurm"])
 def test_submitit_launcher_composes_when_installed(launcher):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")

@@ -215,9 +215,14 @@ class LocalGpusLauncher(Launcher):
                 ret = pickle.load(f)
             if isinstance(ret, JobReturn):
                 return ret
-        from cnn_bench.sweep.status import FAILED, INTERRUPTED, read_status, write_status
+        from cnn_bench.sweep.status import (FAILED, INTERRUPTED, is_finished, read_status,
+                                            write_status)
 
-        if read_status(job.dir).get("status") != INTERRUPTED:  # Ctrl-C: the worker said so
+        if is_finished(job.dir) or read_status(job.dir).get("status") == INTERRUPTED:
+            pass  # done earlier (Ctrl-C while the worker started up), or the worker said so
+        elif code in (-signal.SIGINT, 130):  # Ctrl-C before the job itself began
+            write_status(job.dir, INTERRUPTED, reason="interrupted (Ctrl-C) before it started")
+        else:
             write_status(job.dir, FAILED, reason=f"{_died(code)}; see worker.log")
         ret = JobReturn(overrides=job.overrides, hydra_cfg=job.config, working_dir=str(job.dir),
                         cfg=OmegaConf.masked_copy(job.config, [k for k in job.config if k != "hydra"]))
