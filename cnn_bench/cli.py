@@ -173,6 +173,7 @@ def name_jobs_by_swept_keys(argv: list[str], config_name: str) -> list[str]:
     parsed = OverridesParser.create().parse_overrides(args.overrides)
     if any(ov.key_or_group == "hydra.job.config.override_dirname.exclude_keys" for ov in parsed):
         return argv  # the user chose the names
+    extra = []
     if any(ov.is_sweep_override() for ov in parsed):
         hydra_cfg = compose_config(config_name, [], with_hydra=True).hydra
     else:
@@ -182,11 +183,15 @@ def name_jobs_by_swept_keys(argv: list[str], config_name: str) -> list[str]:
             hydra_cfg = compose_config(config_name, args.overrides, with_hydra=True).hydra
         except Exception:  # noqa: BLE001  (Hydra reports its own composition errors)
             return argv
-        if not hydra_cfg.sweeper.get("params"):
-            return argv
+        if not hydra_cfg.sweeper.get("params") and not any(
+                ov.key_or_group == "hydra.sweep.subdir" for ov in parsed):
+            # Nothing varies: the one job would be named by every override (a dozen of them
+            # pass the file-name limit) or, with all of them left out, by nothing; it takes
+            # its number, Hydra's own default subdir.
+            extra = ["hydra.sweep.subdir=${hydra.job.num}"]
     keys = list(hydra_cfg.job.config.override_dirname.exclude_keys)
     keys += [k for k in _fixed_settings(parsed) if k not in keys]
-    return [*argv, f"hydra.job.config.override_dirname.exclude_keys=[{','.join(keys)}]"]
+    return [*argv, f"hydra.job.config.override_dirname.exclude_keys=[{','.join(keys)}]", *extra]
 
 
 def _fixed_settings(parsed, ignore=()) -> dict[str, str]:

@@ -252,8 +252,33 @@ def test_experiment_sweeps_also_name_jobs_by_what_varies():
     keys = extra.split("=", 1)[1].strip("[]").split(",")
     assert {"experiment", "trainer.epochs", "trainer.batch_size", "optimizer.lr",
             "trainer.ema_decay"} <= set(keys)
-    assert named(["dataset.root=/data/a", "trainer.epochs=1"]) == [
-        "dataset.root=/data/a", "trainer.epochs=1"]  # no sweep at all: names left to Hydra
+    # an experiment's swept key fixed on the command line is no longer swept (Hydra's basic
+    # sweeper lets the command line win): no collision to refuse
+    from cnn_bench.sweep.callback import check_sweep
+
+    narrowed = [*fixed, "model.width_mult=0.35"]
+    overrides = named(narrowed)
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        from hydra import compose
+
+        cfg = compose("config", overrides, return_hydra_config=True)
+    cfg.hydra.overrides.task = narrowed
+    assert "model.width_mult" in cfg.hydra.sweeper.params
+    assert check_sweep(cfg) is None
+
+
+def test_a_multirun_of_one_job_is_named_by_its_number(tiny_folder, tmp_path):
+    # Nothing swept: the job was named by every override, and a dozen of them ended in
+    # "File name too long" before anything ran.
+    fixed = sweep_overrides(tiny_folder, "trainer.eval_batch_size=16", "optimizer.lr=0.05",
+                            "optimizer.weight_decay=0.0005", "augmentation.label_smoothing=0.1",
+                            "trainer.seed=3", "model.width_mult=0.5", "dataset.resolution=16")
+    assert len(",".join(o for o in fixed if not o.startswith("dataset.root"))) > 255
+    sweep = tmp_path / "sweep"
+    multirun(sweep, fixed)
+    assert [j.name for j in job_dirs(sweep)] == ["0"]
+    assert read_status(sweep / "0")["status"] == DONE
 
 
 def test_a_sweep_with_other_fixed_settings_into_an_earlier_sweep_dir_is_refused(tmp_path, capsys):
@@ -304,7 +329,8 @@ def meeting_task(cfg):
 
 
 def worker_record(sweep: Path, case: str) -> dict:
-    (job,) = [j for j in job_dirs(sweep) if f"+case={case}" in j.name]
+    jobs = job_dirs(sweep)  # a sweep of one job is named by its number
+    (job,) = jobs if len(jobs) == 1 else [j for j in jobs if f"+case={case}" in j.name]
     return {**json.loads((job / "worker.json").read_text()), **read_status(job), "dir": job}
 
 

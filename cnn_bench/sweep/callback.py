@@ -22,9 +22,18 @@ log = logging.getLogger("cnn_bench.sweep")
 
 
 def _sweep_overrides(config: DictConfig) -> list[str]:
+    """The sweep's overrides: ``hydra.sweeper.params`` (an experiment's sweep) and the command
+    line's, which replaces a param of the same key (as Hydra's basic sweeper does: an
+    experiment's swept width fixed to one value on the command line is no longer swept)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
     params = OmegaConf.select(config, "hydra.sweeper.params") or {}
     task = list(OmegaConf.select(config, "hydra.overrides.task") or [])
-    return [f"{k}={v}" for k, v in params.items()] + task
+    try:
+        on_command_line = {o.key_or_group for o in OverridesParser.create().parse_overrides(task)}
+    except Exception:  # noqa: BLE001  (Hydra reports unparsable overrides itself)
+        on_command_line = set()
+    return [f"{k}={v}" for k, v in params.items() if k not in on_command_line] + task
 
 
 def check_sweep(config: DictConfig) -> str | None:
