@@ -1,4 +1,4 @@
-"""``python -m cnn_bench.export ckpt=PATH [format=safetensors|pt] [out=PATH] [use_ema=false]``
+"""``python -m cnn_bench.export ckpt=PATH [format=safetensors|pt] [out=FILE|DIR] [use_ema=false]``
 
 Writes a checkpoint's model weights alone (no optimizer or RNG state), for sharing: the weights
 ``evaluate.py`` scores, i.e. the EMA weights of runs with ``trainer.ema_decay`` unless
@@ -27,7 +27,10 @@ def export(ckpt: str | Path, fmt: str = "safetensors", out: str | Path | None = 
     if fmt not in FORMATS:
         raise CnnBenchError(f"format must be one of {', '.join(FORMATS)}; got '{fmt}'")
     ck = load_checkpoint(ckpt)
-    out = Path(out) if out else Path(ckpt).with_name(Path(ckpt).stem + "_weights" + FORMATS[fmt])
+    name = Path(ckpt).stem + "_weights" + FORMATS[fmt]
+    out = Path(out) if out else Path(ckpt).with_name(name)
+    if out.is_dir():  # out=<a folder>: the default file name, in it
+        out = out / name
     weights, which = model_weights(ck, use_ema)
     # safetensors refuses views into shared storage; contiguous copies are what a reader wants.
     state = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
@@ -39,8 +42,11 @@ def export(ckpt: str | Path, fmt: str = "safetensors", out: str | Path | None = 
                 "resolution": str(ck["resolution"]), "weights": which}
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(out.suffix + ".tmp")
-        save_file(state, str(tmp), metadata=meta)
-        tmp.replace(out)
+        try:
+            save_file(state, str(tmp), metadata=meta)
+            tmp.replace(out)
+        finally:
+            tmp.unlink(missing_ok=True)
     else:
         atomic_save(state, out)
     return out
@@ -55,6 +61,8 @@ def main(argv: list[str]) -> None:
                       use_ema=args.get("use_ema", True))
     except CnnBenchError as e:
         fail(str(e))
+    except OSError as e:  # out= unwritable, a missing parent we may not create, a full disk
+        fail(f"cannot write the export: {e.strerror or e} ({e.filename or args.get('out')})")
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
 
 

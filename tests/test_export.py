@@ -42,6 +42,17 @@ def test_safetensors_export_round_trips(tiny_folder, tmp_path):
     with torch.no_grad():
         assert torch.equal(fresh.eval()(x), trained.eval()(x))
 
+    # out=<an existing folder>: the default name inside it (it ended in IsADirectoryError and
+    # left <folder>.tmp behind)
+    from cnn_bench.export import export
+
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    for fmt, suffix in (("safetensors", ".safetensors"), ("pt", ".pt")):
+        assert export(ckpt, fmt, folder) == folder / f"best_weights{suffix}"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("exports")) == ["exports"]
+    assert sorted(p.name for p in folder.iterdir()) == ["best_weights.pt", "best_weights.safetensors"]
+
 
 def _direct_stats(train_dir, resolution: int) -> tuple[list[float], list[float]]:
     """Per-channel mean/std of every train image: PIL decode, shorter side -> resolution
