@@ -140,6 +140,12 @@ def check_command_line(argv: list[str], config_name: str = "config") -> None:
             if "local" not in o and shutil.which("srun") is None:
                 fail(f"{o} submits to SLURM, but there is no 'srun' on this machine's PATH: run "
                      "the sweep from a SLURM login node, or drop hydra/launcher to run it here")
+    if "hydra/launcher=local_gpus" in args.overrides:
+        for o in args.overrides:
+            key, _, value = o.partition("=")
+            if key in ("hydra.launcher.n_jobs", "hydra.launcher.cpu_threads") and value != "null" \
+                    and not (value.isdigit() and int(value) >= 1):
+                fail(f"{key} must be an integer >= 1 (or null for the default), got {value!r}")
     overrides = [o for o in args.overrides if not o.startswith("hydra.") and not o.startswith("hydra/")]
     try:
         lists = _candidate_override_lists(overrides)

@@ -374,6 +374,17 @@ def test_local_gpus_launcher_pins_each_job_to_its_own_gpu(tmp_path, monkeypatch)
     assert a["status"] == b["status"] == DONE
 
 
+@pytest.mark.parametrize("option", ["hydra.launcher.n_jobs=-1", "hydra.launcher.n_jobs=0",
+                                    "hydra.launcher.cpu_threads=two"])
+def test_local_gpus_options_out_of_range_are_one_line(option, capsys):
+    # n_jobs=-1 ended in a 19-line traceback from inside Hydra; 0 silently meant the default
+    with pytest.raises(SystemExit) as e:
+        cli.check_command_line(["-m", "hydra/launcher=local_gpus", option, "trainer.seed=1,2"])
+    assert e.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: {option.split('=')[0]} must be an integer >= 1")
+
+
 def test_launcher_slots_follow_the_visible_gpus(monkeypatch):
     from hydra_plugins.cnn_bench_launcher.local_gpus_launcher import LocalGpusLauncher, visible_gpus
 

@@ -132,7 +132,7 @@ class LocalGpusLauncher(Launcher):
     def _slots(self) -> list[Optional[str]]:
         """One entry per parallel job: the GPU id it runs on, or ``None`` for a CPU job."""
         gpus = [str(g) for g in self.gpus] if self.gpus else visible_gpus()
-        n = self.n_jobs or len(gpus) or CPU_JOBS
+        n = self.n_jobs if self.n_jobs is not None else (len(gpus) or CPU_JOBS)
         if n < 1:
             raise ValueError(f"hydra.launcher.n_jobs must be >= 1, got {n}")
         return [gpus[i % len(gpus)] for i in range(n)] if gpus else [None] * n
