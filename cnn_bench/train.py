@@ -85,9 +85,23 @@ def _hparams(cfg: DictConfig, rt) -> dict:
             "optimizer.name", "optimizer.lr", "optimizer.weight_decay", "scheduler.name",
             "augmentation.name", "trainer.epochs", "trainer.batch_size", "trainer.seed",
             "trainer.ema_decay", "trainer.lookahead_every", "trainer.tta"]
-    hp = {k: OmegaConf.select(cfg, k) for k in keys}
+    keys += [k for k in _overridden_keys() if k not in keys]
+    hp = {k: OmegaConf.select(cfg, k, default=None) for k in keys}
     hp["precision"] = rt.precision
-    return {k: v for k, v in hp.items() if v is not None}
+    # plain values only: a group override (model=...) selects a whole node, named above
+    return {k: v for k, v in hp.items() if v is not None and not OmegaConf.is_config(v)}
+
+
+def _overridden_keys() -> list[str]:
+    """The config keys this job's overrides set (a sweep job's swept ones among them), so the
+    HPARAMS tab tells jobs apart by any setting, not only the fixed list above."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    task = HydraConfig.get().overrides.task
+    keys = [o.split("=", 1)[0].lstrip("+~") for o in task if "=" in o]
+    return [k for k in keys if not k.startswith("hydra") and "/" not in k]
 
 
 def _init_from_data(model: nn.Module, train) -> None:

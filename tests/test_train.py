@@ -253,3 +253,28 @@ def test_resume_with_other_settings_is_one_line(trained, tiny_folder, tmp_path, 
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith(f"cannot resume from {out / 'checkpoints/last.pt'}")
     assert named in msg
+
+
+def test_hparams_carry_every_overridden_key():
+    # A sweep over optimizer.momentum x label smoothing logged four identical HPARAMS entries:
+    # only a fixed list of keys was logged.
+    from types import SimpleNamespace
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from cnn_bench.config import CONF_DIR
+
+    overrides = ["model=resnet18", "optimizer.momentum=0.5", "augmentation.label_smoothing=0.2"]
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides, return_hydra_config=True)
+    GlobalHydra.instance().clear()
+    HydraConfig.instance().set_config(cfg)
+    try:
+        hp = train_mod._hparams(cfg, SimpleNamespace(precision="fp32"))
+    finally:
+        HydraConfig.instance().cfg = None
+    assert hp["optimizer.momentum"] == 0.5 and hp["augmentation.label_smoothing"] == 0.2
+    assert hp["model.name"] == "resnet18" and "model" not in hp  # a group: named by model.name
