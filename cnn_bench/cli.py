@@ -80,7 +80,12 @@ def _describe(ex: Exception, group_overrides: list[str], config_name: str) -> st
             keys = []
         return f"unknown config key '{key}': {did_you_mean(key, keys)}"
     if isinstance(ex, OverrideParseException):
-        return f"cannot parse override: {text.strip().splitlines()[0]}"
+        line = f"cannot parse override: {text.strip().splitlines()[0]}"
+        key, _, value = (getattr(ex, "override", "") or "").partition("=")
+        if "/" in value and re.search(r"[=,\s\[\]{}()]", value) and value[0] not in "'\"":
+            # a sweep job's path (model.width_mult=0.5,trainer.seed=0/...) is not a plain value
+            line += f"; quote the value: \"{key}='{value}'\""
+        return line
     first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(ex).__name__)
     return first
 

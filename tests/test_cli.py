@@ -25,6 +25,9 @@ def run_cli(*args: str, script: str = "train.py") -> subprocess.CompletedProcess
     (["trainer.precision=fp8"], "trainer.precision must be one of"),
     (["-m", "model=speednet_s,resnet5O"], "unknown model 'resnet5O'"),
     (["trainer.epochs=[1"], "cannot parse override"),
+    # a sweep job's path holds '=' and ',': say how to pass it
+    (["trainer.resume=/runs/sweep/model.width_mult=0.5,trainer.seed=0/checkpoints/last.pt"],
+     "quote the value: \"trainer.resume='/runs/sweep/model.width_mult=0.5,trainer.seed=0/"),
     (["augmentation=seed", "augmentation.scale=1.1"], "augmentation.scale must be a list of 2"),
 ])
 def test_config_mistakes_exit_with_one_line(args, expected):
