@@ -49,8 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-classes", type=int, default=1000)
     args = parser.parse_args(argv)
     try:
-        if args.resolution < 1 or args.num_classes < 1:
-            raise CnnBenchError("--resolution and --num-classes must be positive")
+        if args.resolution < 8 or args.num_classes < 1:  # 8 px: dataset.resolution's minimum
+            raise CnnBenchError("--resolution must be >= 8 and --num-classes >= 1")
         names = _select(args.pattern)
         widths = [max(len("name"), *map(len, names)), 8, 8, 9, 12]
         fmt = "{:<%d}  {:>%d}  {:>%d}  {:>%d}  {:<%d}" % tuple(widths)
