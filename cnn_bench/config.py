@@ -78,6 +78,7 @@ _SCHEMA: dict[str, tuple[tuple[str, ...], tuple | None, float | None]] = {
     "optimizer.norm_bias_lr_mult": ((_FLOAT,), None, 0),
     "optimizer.momentum": ((_FLOAT,), None, 0),
     "optimizer.nesterov": ((_BOOL,), None, None),
+    "optimizer.decay_norm_and_bias": ((_BOOL,), None, None),
     "scheduler.warmup_epochs": ((_FLOAT,), None, 0),
     "scheduler.warmup_start_factor": ((_FLOAT,), None, 0),
     "scheduler.min_lr_factor": ((_FLOAT,), None, 0),

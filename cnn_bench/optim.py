@@ -18,8 +18,10 @@ NORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
 
 
 def param_groups(model: nn.Module, weight_decay: float, head_lr_mult: float = 1.0,
-                 norm_bias_lr_mult: float = 1.0) -> list[dict]:
-    """Trainable parameters only; no weight decay on BN/bias (1-d) parameters.
+                 norm_bias_lr_mult: float = 1.0, decay_norm_and_bias: bool = False) -> list[dict]:
+    """Trainable parameters only; no weight decay on BN/bias (1-d) parameters unless
+    ``decay_norm_and_bias``, which decays them by as much per step as the weights (the
+    normalisation shifts' decay divided by their lr multiplier: airbench's convention).
 
     ``head_lr_mult`` scales the classifier's lr (the module named by ``model.classifier_name``),
     ``norm_bias_lr_mult`` the lr of normalisation layers' shifts (BatchNorm/GroupNorm/LayerNorm
@@ -35,10 +37,13 @@ def param_groups(model: nn.Module, weight_decay: float, head_lr_mult: float = 1.
             continue
         is_head = bool(head_prefix) and (name == head_prefix or name.startswith(head_prefix + "."))
         is_norm_bias = norm_bias_lr_mult != 1.0 and id(p) in norm_biases
-        key = (p.ndim > 1, is_head and head_lr_mult != 1.0, is_norm_bias)
+        key = (p.ndim > 1 or decay_norm_and_bias, is_head and head_lr_mult != 1.0, is_norm_bias)
         groups.setdefault(key, []).append(p)
     return [
-        {"params": ps, "weight_decay": weight_decay if decay else 0.0,
+        {"params": ps,
+         # coupled decay moves a parameter by lr * decay per step: divided by the shifts' lr
+         # multiplier, theirs moves as much as the weights'
+         "weight_decay": (weight_decay / (norm_bias_lr_mult if norm_bias else 1.0)) if decay else 0.0,
          "lr_mult": (head_lr_mult if head else 1.0) * (norm_bias_lr_mult if norm_bias else 1.0)}
         for (decay, head, norm_bias), ps in sorted(groups.items())
     ]
@@ -59,7 +64,7 @@ def build_optimizer(cfg, model: nn.Module, device: torch.device) -> torch.optim.
     if name not in OPTIMIZERS:
         raise CnnBenchError(f"unknown optimizer '{name}': {did_you_mean(name, OPTIMIZERS)}")
     groups = param_groups(model, cfg.weight_decay, cfg.get("head_lr_mult", 1.0),
-                          cfg.get("norm_bias_lr_mult", 1.0))
+                          cfg.get("norm_bias_lr_mult", 1.0), cfg.get("decay_norm_and_bias", False))
     if not groups:
         raise CnnBenchError("the model has no trainable parameters: check finetune settings")
     for g in groups:

@@ -35,14 +35,15 @@ EXPECTED = {
                          "trainer.tta": "flip"},
     "cifar10_speedrun": {"model.name": "speednet", "model.whiten": True, "model.dirac": True,
                          "model.bn_scale": False, "model.bn_momentum": 0.4,
-                         "dataset.name": "cifar10",
+                         "dataset.name": "cifar10", "dataset.val_fraction": 0,
                          "dataset.resolution": 32, "augmentation.label_smoothing": 0.2,
                          "augmentation.crop_padding": 2, "augmentation.padding_mode": "reflect",
                          "augmentation.hflip_alternate": True, "optimizer.lr": 1.5,
                          "optimizer.momentum": 0.85, "optimizer.norm_bias_lr_mult": 64.0,
+                         "optimizer.decay_norm_and_bias": True,
                          "trainer.batch_size": 1024, "trainer.compile": True,
                          "trainer.ema_decay": None, "trainer.lookahead_every": 5,
-                         "trainer.lookahead_decay": 0.77, "scheduler.pct_start": 0.23,
+                         "trainer.lookahead_decay": 0.7738, "scheduler.pct_start": 0.23,
                          "scheduler.final_div_factor": 2.857, "trainer.tta": "flip_translate"},
 }
 
