@@ -7,27 +7,34 @@ import pickle
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import torch
+from omegaconf import OmegaConf
 
 from cnn_bench.errors import CnnBenchError
 
 FORMAT = "cnn_bench.checkpoint/1"
 
 
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temp file in the same folder, then ``os.replace``: never a torn file."""
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
+    """``write(f)`` into a temp file in the same folder, then ``os.replace``: never a torn file,
+    and no temp file left behind when writing fails."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` through :func:`atomic_write`."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def atomic_link(src: str | Path, dst: str | Path) -> None:
@@ -85,7 +92,6 @@ RESUME_GROUPS = ("model", "optimizer", "scheduler", "finetune")
 def settings_changed(ckpt: dict, cfg, groups=RESUME_GROUPS, limit: int = 4) -> list[str]:
     """``key: then -> now`` for the leaves of ``groups`` where the checkpoint's config (its YAML
     string) and ``cfg`` differ, at most ``limit`` of them."""
-    from omegaconf import OmegaConf
 
     def leaves(node, prefix=""):
         if isinstance(node, dict):
@@ -98,8 +104,12 @@ def settings_changed(ckpt: dict, cfg, groups=RESUME_GROUPS, limit: int = 4) -> l
     now = OmegaConf.to_container(cfg, resolve=True)
     old = dict(leaves({g: then.get(g) for g in groups}))
     new = dict(leaves({g: now.get(g) for g in groups}))
-    unset = "(unset)"
+
+    def shown(d: dict, k: str) -> str:
+        return repr(d[k]) if k in d else "(unset)"
+
+    unset = object()
     keys = sorted(old.keys() | new.keys(), key=lambda k: (not k.endswith((".name", ".mode")), k))
-    diffs = [f"{k}: {old.get(k, unset)!r} -> {new.get(k, unset)!r}".replace(repr(unset), unset)
-             for k in keys if old.get(k, unset) != new.get(k, unset)]
+    diffs = [f"{k}: {shown(old, k)} -> {shown(new, k)}" for k in keys
+             if old.get(k, unset) != new.get(k, unset)]
     return diffs[:limit] + ([f"{len(diffs) - limit} more"] if len(diffs) > limit else [])

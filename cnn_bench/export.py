@@ -13,7 +13,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from cnn_bench.checkpoint import atomic_save, load_checkpoint, model_weights
+from cnn_bench.checkpoint import atomic_save, atomic_write, load_checkpoint, model_weights
 from cnn_bench.cli import fail
 from cnn_bench.errors import CnnBenchError
 
@@ -35,18 +35,12 @@ def export(ckpt: str | Path, fmt: str = "safetensors", out: str | Path | None = 
     # safetensors refuses views into shared storage; contiguous copies are what a reader wants.
     state = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
     if fmt == "safetensors":
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         meta = {"format": "cnn_bench.weights/1", "config": ck["config"],
                 "classes": json.dumps(ck["classes"]), "num_classes": str(ck["num_classes"]),
                 "resolution": str(ck["resolution"]), "weights": which}
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(out.suffix + ".tmp")
-        try:
-            save_file(state, str(tmp), metadata=meta)
-            tmp.replace(out)
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic_write(out, lambda f: f.write(save(state, metadata=meta)))
     else:
         atomic_save(state, out)
     return out
