@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,19 @@ def _finite_or_none(v):
     return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
+def _start_after_event_files(tb: Path) -> None:
+    """Wait (at most 1 s) until a new event file's name sorts after those already in ``tb``.
+
+    TensorBoard reads a run's files in name order, ``events.out.tfevents.<unix s>.<host>.<pid>.
+    <writer counter>``, and the purge of a resumed run applies only to files read before its
+    own. An attempt resumed in the same process and second as the first (a notebook, a test)
+    whose counter crosses a digit (9 -> 10) would sort first and its curve double back."""
+    seconds = [int(part) for p in tb.glob("events.out.tfevents.*")
+               if (part := p.name.split(".")[3]).isdigit()]
+    if seconds:
+        time.sleep(min(max(0.0, max(seconds) + 1 - time.time()), 1.0))
+
+
 class RunLog:
     """Writes one run's metrics to TensorBoard (``<run>/tb``) and ``<run>/metrics.jsonl``."""
 
@@ -32,6 +46,7 @@ class RunLog:
         ``state.history``), written again where this directory has none of them (a run resumed
         from a checkpoint elsewhere), so its metrics and curves start at epoch 1."""
         self.dir = Path(output_dir)
+        _start_after_event_files(self.dir / "tb")
         # purge_step drops events a crashed run wrote past its last checkpoint (steps > start_step:
         # the checkpointed epoch's own record is logged at start_step and stays), so resumed
         # curves do not double back on themselves.

@@ -1,0 +1,35 @@
+"""RunLog: the TensorBoard and metrics.jsonl records of a run, across a resume."""
+
+from __future__ import annotations
+
+import time
+
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.summary.writer import event_file_writer
+
+from cnn_bench.runlog import RunLog
+
+
+def test_resumed_events_follow_the_first_attempts_within_one_second(tmp_path, monkeypatch):
+    # TensorBoard reads a run's event files in name order: <unix second>.<host>.<pid>.<writer
+    # counter>. Two attempts in one process within one second whose counters cross a digit
+    # (9 -> 10) sort the resumed attempt's file first, and the purge then dropped nothing and
+    # the curve read 8, 12, 4.
+    monkeypatch.setattr(event_file_writer, "_global_uid", event_file_writer.AtomicCounter(9))
+    while time.time() % 1 > 0.2:  # both writers start in the same second without the fix
+        time.sleep(0.05)
+    first = RunLog(tmp_path, start_step=0, start_epoch=0)
+    for step in (4, 8):  # epoch 2 is logged, then the run dies before its checkpoint
+        first.epoch(step, {"epoch": step // 4, "val/acc": step / 100})
+    first.close()
+    resumed = RunLog(tmp_path, start_step=4, start_epoch=1)
+    for step in (8, 12):
+        resumed.epoch(step, {"epoch": step // 4, "val/acc": step / 10})
+    resumed.close()
+
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    assert [(e.step, round(e.value, 2)) for e in acc.Scalars("val/acc")] == [
+        (4, 0.04), (8, 0.8), (12, 1.2)]
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3
