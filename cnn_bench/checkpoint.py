@@ -17,6 +17,18 @@ from cnn_bench.errors import CnnBenchError
 FORMAT = "cnn_bench.checkpoint/1"
 
 
+def _new_file_mode() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+# What open() gives a new file here. mkstemp's temp files are private (0600), which would make
+# checkpoints and a dataset cache shared through $CNN_BENCH_CACHE unreadable to the rest of a
+# group. Read once at import, before any thread could create files meanwhile.
+NEW_FILE_MODE = _new_file_mode()
+
+
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
     """``write(f)`` into a temp file in the same folder, then ``os.replace``: never a torn file,
     and no temp file left behind when writing fails."""
@@ -24,6 +36,7 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
+        os.chmod(tmp, NEW_FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             write(f)
         os.replace(tmp, path)

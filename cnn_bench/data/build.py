@@ -160,6 +160,7 @@ def build_data(data_cfg, aug_cfg, *, batch_size: int, device: torch.device | str
                                              cache_dir=cache_dir, num_workers=workers)
             data[split] = (images, labels)
             failed += bad
+            _check_some_readable(split, source, len(images), bad)
         mean, std = _stats(cfg, sets, data["train"][0])
     else:
         for split, source in splits.items():
@@ -167,6 +168,7 @@ def build_data(data_cfg, aug_cfg, *, batch_size: int, device: torch.device | str
                                num_workers=workers)
             data[split] = ok
             failed += bad
+            _check_some_readable(split, source, len(ok), bad)
         mean, std = _stats(cfg, sets, None)
 
     train_aug = BatchAugment.from_config(aug_opts, mean, std, res)
@@ -188,6 +190,15 @@ def build_data(data_cfg, aug_cfg, *, batch_size: int, device: torch.device | str
         classes=list(sets.classes), num_classes=len(sets.classes), resolution=res,
         mean=mean, std=std, in_memory=bool(in_memory), skipped=[loc for loc, _ in failed],
     )
+
+
+def _check_some_readable(split: str, source, kept: int, bad: list[tuple[str, str]]) -> None:
+    # A split with no readable image would score 0/0: a val loss of 0.0 looks perfect to early
+    # stopping and best.pt, where skipping a few files is only worth a warning.
+    if len(source) and not kept:
+        loc, why = bad[0]
+        raise CnnBenchError(f"none of the {len(source)} images of the {split} split is readable "
+                            f"(e.g. {loc}: {why}); fix or replace them")
 
 
 def _stats(cfg: dict, sets: SplitSet, train_images: torch.Tensor | None):

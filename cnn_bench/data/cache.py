@@ -11,16 +11,17 @@ files are never deleted automatically; remove the folder to reclaim space.
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
+from cnn_bench.checkpoint import atomic_write
 from cnn_bench.data.source import ImageSource, digest
 
 # Bump when decode/resize/validation output changes, so stale caches are not reused.
-CACHE_VERSION = 1
+# 2: archive roots follow links, nested folders and any compression (1 decoded .tar.gz as junk).
+CACHE_VERSION = 2
 
 
 def default_cache_dir(configured: str | None) -> Path:
@@ -54,15 +55,9 @@ def save_payload(payload: dict, path: Path | None) -> None:
     """
     if path is None:
         return
-    tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-        os.replace(tmp, path)
-    except OSError as exc:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
+        atomic_write(path, lambda f: torch.save(payload, f))
+    # torch.save reports a full disk (ENOSPC, EFBIG) as RuntimeError, not OSError
+    except (OSError, RuntimeError) as exc:
         warnings.warn(f"could not write the dataset cache {path} ({exc}); "
                       "it will be recomputed next run", stacklevel=3)

@@ -6,6 +6,8 @@ Accepted layouts under ``dataset.root``:
   without a val folder, val is carved from train by ``val_fraction``;
 - ``<class>/...`` directly: split into train/val by ``val_fraction`` with ``split_seed``.
 
+Split folder names match in any case (``Train/``, ``VAL/``), so they are never taken for classes.
+
 Classes are the sorted sub-folder names of train; val/test must have the same ones. Files are
 picked by extension (torchvision's ``IMG_EXTENSIONS``), searched recursively inside each class
 folder. Unreadable files are not detected here but by the decode/validation pass.
@@ -23,6 +25,26 @@ from cnn_bench.data.source import (FileSource, SplitSet, check_same_classes, dig
 from cnn_bench.errors import CnnBenchError
 
 VAL_DIRS = ("val", "validation", "valid")
+SPLIT_DIRS = {"train": ("train",), "val": VAL_DIRS, "test": ("test",)}
+
+
+def split_folders(names, where) -> dict[str, str]:
+    """{split: folder name} among ``names`` (the folders under a root), matched ignoring case;
+    ``val`` takes the first of ``VAL_DIRS`` present. Two folders for one name (``train/`` and
+    ``Train/``) are an error: which one is meant is not ours to guess."""
+    by_lower: dict[str, list[str]] = {}
+    for name in names:
+        by_lower.setdefault(name.lower(), []).append(name)
+    found = {}
+    for split, candidates in SPLIT_DIRS.items():
+        for cand in candidates:
+            hits = sorted(by_lower.get(cand, []))
+            if len(hits) > 1:
+                raise CnnBenchError(f"{where} has both {hits[0]}/ and {hits[1]}/; keep one")
+            if hits:
+                found[split] = hits[0]
+                break
+    return found
 
 
 def find_classes(folder: Path) -> list[str]:
@@ -90,26 +112,28 @@ def imagefolder(cfg: dict) -> SplitSet:
     if not root.is_dir():
         raise CnnBenchError(f"dataset.root {root} is not a folder")
 
-    train_dir = root / "train"
-    if not train_dir.is_dir():
-        split_dirs = [d for d in (*VAL_DIRS, "test") if (root / d).is_dir()]
-        if split_dirs:
-            raise CnnBenchError(f"dataset.root {root} has {split_dirs[0]}/ but no train/; "
+    splits = {k: root / v for k, v in split_folders(
+        [e.name for e in os.scandir(root) if e.is_dir()], f"dataset.root {root}").items()}
+    if "train" not in splits:
+        if splits:
+            other = next(iter(splits.values())).name
+            raise CnnBenchError(f"dataset.root {root} has {other}/ but no train/; "
                                 "add train/<class>/ folders")
         classes = find_classes(root)
         train, val = split_source(scan(root, classes, root), cfg["val_fraction"], cfg["split_seed"])
         return SplitSet(train, val, None, classes)
 
+    train_dir = splits["train"]
     classes = find_classes(train_dir)
     train = scan(train_dir, classes, root)
-    val_dir = next((root / d for d in VAL_DIRS if (root / d).is_dir()), None)
+    val_dir = splits.get("val")
     if val_dir is None:
         train, val = split_source(train, cfg["val_fraction"], cfg["split_seed"])
     else:
         check_same_classes(val_dir, find_classes(val_dir), classes)
         val = scan(val_dir, classes, root)
     test = None
-    if (root / "test").is_dir():
-        check_same_classes(root / "test", find_classes(root / "test"), classes)
-        test = scan(root / "test", classes, root)
+    if "test" in splits:
+        check_same_classes(splits["test"], find_classes(splits["test"]), classes)
+        test = scan(splits["test"], classes, root)
     return SplitSet(train, val, test, classes)
