@@ -196,6 +196,24 @@ def test_a_split_with_no_readable_image_is_one_line(tmp_path, in_memory):
 
 # --- cache and checkpoint files ---------------------------------------------------------------
 
+def test_cache_is_decoded_again_after_a_decoder_upgrade(tmp_path, monkeypatch):
+    import PIL
+
+    import cnn_bench.data.memory as memory
+
+    tree = make_imagefolder(tmp_path / "tree", classes=("a", "b"), per_class=2, splits=("train",))
+    data_cfg = cfg(tree, cache_dir=str(tmp_path / "c"), val_fraction=0)
+    build(data_cfg)
+    calls = []
+    real = memory.decode_source
+    monkeypatch.setattr(memory, "decode_source", lambda *a, **k: calls.append(1) or real(*a, **k))
+    build(data_cfg)
+    assert calls == []  # same libraries: from the cache
+    monkeypatch.setattr(PIL, "__version__", "99.0")
+    build(data_cfg)
+    assert calls == [1]
+
+
 def test_cache_write_failure_warns_and_leaves_no_temp_file(tmp_path, monkeypatch):
     # torch.save turns a full disk into RuntimeError ("unexpected pos ..."), which was not
     # caught: the run died in the data pass and a partial .tmp file stayed in the cache folder.

@@ -3,7 +3,8 @@
 
 Files are ``<cache_dir>/<dataset>-<split>-<kind>-<key>.pt`` where the key hashes the source's
 fingerprint (paths + sizes + mtimes + ctimes, or the archive's hash, plus the split's sample list) and
-whatever else shapes the content (the resolution), so changed files get a new key. Payloads are
+whatever else shapes the content (the resolution; the torch, torchvision and Pillow versions),
+so changed files or decoders get a new key. Payloads are
 plain tensors and lists, written with ``torch.save`` and read with ``weights_only=True``. Old
 files are never deleted automatically; remove the folder to reclaim space.
 """
@@ -33,8 +34,17 @@ def default_cache_dir(configured: str | None) -> Path:
 def cache_path(cache_dir: Path, dataset: str, split: str, kind: str, source: ImageSource,
                *extra) -> Path:
     """Where the ``kind`` payload (e.g. ``32px``, ``check``) of this exact split lives."""
-    key = digest(CACHE_VERSION, kind, source.fingerprint, *extra)[:20]
+    key = digest(CACHE_VERSION, _pixel_libraries(), kind, source.fingerprint, *extra)[:20]
     return cache_dir / f"{dataset}-{split}-{kind}-{key}.pt"
+
+
+def _pixel_libraries() -> str:
+    """The versions that decide decoded pixels (decoders in Pillow and torchvision, resizing in
+    torch): an upgrade decodes again rather than serve pixels the streaming path would not."""
+    import PIL
+    import torchvision
+
+    return f"torch {torch.__version__} torchvision {torchvision.__version__} Pillow {PIL.__version__}"
 
 
 def load_payload(path: Path | None) -> dict | None:
