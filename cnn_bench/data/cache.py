@@ -2,11 +2,11 @@
 (validation results).
 
 Files are ``<cache_dir>/<dataset>-<split>-<kind>-<key>.pt`` where the key hashes the source's
-fingerprint (paths + sizes + mtimes + ctimes, or the archive's hash, plus the split's sample list) and
-whatever else shapes the content (the resolution; the torch, torchvision and Pillow versions),
-so changed files or decoders get a new key. Payloads are
-plain tensors and lists, written with ``torch.save`` and read with ``weights_only=True``. Old
-files are never deleted automatically; remove the folder to reclaim space.
+fingerprint (paths + sizes + mtimes + ctimes, or the archive's hash, plus the split's sample
+list) and whatever else shapes the content (the resolution; the torch, torchvision and Pillow
+versions), so changed files or decoders get a new key. Payloads are plain tensors and lists,
+written with ``torch.save`` and read with ``weights_only=True``. Old files are never deleted
+automatically; remove the folder to reclaim space.
 """
 
 from __future__ import annotations
