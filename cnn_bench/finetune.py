@@ -58,6 +58,14 @@ def _trainable_prefixes(model: nn.Module, mode: str, unfreeze_stages: int) -> li
     for name in names[start:]:  # pre-order: a module's descendants follow it
         if not (keep and _owns(keep[-1], name)):
             keep.append(name)
+    if first == 0:
+        # Parameters held directly by the first stage's ancestors come before it in the
+        # forward (ViT's class token on the model itself): with every stage unfrozen they train.
+        parts = stages[0].split(".")
+        for i in range(len(parts)):
+            owner = ".".join(parts[:i])
+            module = model.get_submodule(owner)
+            keep += [f"{owner}.{n}" if owner else n for n, _ in module.named_parameters(recurse=False)]
     return [head, *keep]
 
 

@@ -129,3 +129,53 @@ def test_partial_on_timm_efficientnet_trains_every_block_after_the_frozen_stages
                for n, p in model.named_parameters() if p.requires_grad}
     assert trained == {"blocks.3", "blocks.4", "blocks.5", "blocks.6", "conv_head", "bn2",
                        "classifier"}
+
+
+class _TinyViT(torch.nn.Module):
+    """torchvision's ViT layout: a class token on the model, a patch conv, an encoder holding
+    the position embedding, a Sequential of layers and a norm, then heads.head. As in ViT-B the
+    encoder holds > 95% of the parameters, and its layers > 95% of the rest (8 px input)."""
+
+    def __init__(self, num_classes=10, depth=12, dim=32):
+        super().__init__()
+        self.class_token = torch.nn.Parameter(torch.zeros(1, 1, dim))
+        self.conv_proj = torch.nn.Conv2d(3, dim, 2, 2)
+        self.encoder = torch.nn.Module()
+        self.encoder.pos_embedding = torch.nn.Parameter(torch.zeros(1, 17, dim))
+        self.encoder.layers = torch.nn.Sequential(*(torch.nn.Linear(dim, dim) for _ in range(depth)))
+        self.encoder.ln = torch.nn.LayerNorm(dim)
+        self.heads = torch.nn.Sequential()
+        self.heads.head = torch.nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        x = self.conv_proj(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.class_token.expand(len(x), -1, -1), x], 1) + self.encoder.pos_embedding
+        return self.heads(self.encoder.ln(self.encoder.layers(x))[:, 0])
+
+
+def test_passthrough_stages_split_a_part_holding_nearly_everything():
+    # RegNet's stem + trunk_output, ViT's conv_proj + encoder: two "stages", so
+    # unfreeze_stages=1 trained all of RegNet but its stem, and Swin's last "stage" was its norm.
+    from cnn_bench.finetune import apply_finetune
+    from cnn_bench.models import build_model
+    from cnn_bench.models.external import PassthroughModel
+
+    regnet = build_model({"source": "torchvision", "name": "regnet_x_400mf"}, 10, 32)
+    assert regnet.stage_names == ["model.stem", *(f"model.trunk_output.block{i}" for i in range(1, 5))]
+    vit = PassthroughModel(_TinyViT(), 10, "torchvision")
+    assert vit.stage_names == ["model.conv_proj", *(f"model.encoder.layers.{i}" for i in range(12)),
+                               "model.encoder.ln"]
+    assert vit(torch.randn(2, 3, 8, 8)).shape == (2, 10)
+
+    apply_finetune(vit, {"mode": "partial", "unfreeze_stages": 2})
+    trains = sorted(n for n, p in vit.named_parameters() if p.requires_grad)
+    assert trains == ["model.encoder.layers.11.bias", "model.encoder.layers.11.weight",
+                      "model.encoder.ln.bias", "model.encoder.ln.weight",
+                      "model.heads.head.bias", "model.heads.head.weight"]
+    # every stage unfrozen: everything trains, the tokens held by the model and encoder too
+    apply_finetune(vit, {"mode": "partial", "unfreeze_stages": len(vit.stage_names)})
+    assert all(p.requires_grad for p in vit.parameters())
+    # ResNet's layer4 (63-75% of the parameters) stays one stage
+    resnet = build_model({"source": "torchvision", "name": "resnet18"}, 10, 32)
+    assert resnet.stage_names == ["model.conv1", "model.bn1",
+                                  *(f"model.layer{i}" for i in range(1, 5))]
