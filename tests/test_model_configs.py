@@ -188,3 +188,13 @@ def test_alexnet_imagenet_stem_below_its_minimum_names_both_ways_out():
     with pytest.raises(CnnBenchError, match=r"model.stem=cifar, .*dataset.resolution=63 or more"):
         model(torch.randn(1, 3, 48, 48))
     assert model(torch.randn(1, 3, 63, 63)).shape == (1, NUM_CLASSES)
+
+
+@pytest.mark.parametrize("stem, whiten, minimum", [("imagenet", False, 29), ("imagenet", True, 30),
+                                                  ("cifar", False, 8), ("cifar", True, 9)])
+def test_speednet_below_its_minimum_is_one_line(stem, whiten, minimum):
+    # stem=imagenet at 16 or 24 px was a raw "Output size is too small" from a max-pool.
+    model = build_model({**_cfg("speednet_s"), "stem": stem, "whiten": whiten}, NUM_CLASSES, 32)
+    with pytest.raises(CnnBenchError, match=rf"at least {minimum} px, got \({minimum - 1}, "):
+        model(torch.randn(2, 3, minimum - 1, minimum - 1))
+    assert model(torch.randn(2, 3, minimum, minimum)).shape == (2, NUM_CLASSES)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from cnn_bench.errors import CnnBenchError
 from cnn_bench.models.layers import check_stem, check_width_mult, make_divisible
 from cnn_bench.models.registry import register_model
 
@@ -102,6 +103,17 @@ class SpeedNet(nn.Module):
         self.num_features = widths[-1]
         self.classifier_name = "fc"
         self.stage_names = [f"stages.{i}" for i in range(len(self.stages))]
+        self.min_size = next(s for s in range(1, 1025) if self._out_size(s) >= 1)
+
+    def _out_size(self, size: int) -> int:
+        """Side of the last stage's map for a ``size`` px input (the stem conv, its max-pool with
+        stem=imagenet, then each stage's 2x2 max-pool)."""
+        conv = self.stem[0]
+        k, st, p = conv.kernel_size[0], conv.stride[0], conv.padding[0]
+        size = (size + 2 * p - k) // st + 1
+        if any(isinstance(m, nn.MaxPool2d) for m in self.stem):
+            size = (size - 1) // 2 + 1  # 3x3, stride 2, padding 1
+        return size // 2 ** len(self.stages)
 
     @property
     def wants_data_init(self) -> bool:
@@ -128,6 +140,11 @@ class SpeedNet(nn.Module):
         conv.bias.zero_()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        if min(x.shape[-2:]) < self.min_size:
+            stem = "model.stem=cifar or " if self.stem[-1].__class__ is nn.MaxPool2d else ""
+            raise CnnBenchError(f"SpeedNet with this stem needs inputs of at least {self.min_size} "
+                                f"px, got {tuple(x.shape[-2:])}: use {stem}dataset.resolution="
+                                f"{self.min_size} or more")
         return self.stages(self.stem(x))
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
