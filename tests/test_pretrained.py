@@ -118,6 +118,24 @@ def test_unrelated_file_and_missing_file_are_refused(tmp_path):
         build_model({**SPEEDNET, "weights": str(tmp_path / "absent.pt")}, 10, 16)
 
 
+def test_backbone_file_loads_into_the_part_that_holds_it(tmp_path, caplog):
+    # A torchvision RegNet file for regnet_bifpn: "none of its 428 names match" before, where
+    # only model.pretrained=true knew about the backbone. prefix.
+    torch.manual_seed(0)
+    torch.save(torchvision.models.regnet_x_400mf().state_dict(), tmp_path / "regnet.pt")
+    with caplog.at_level(logging.INFO, logger="cnn_bench"):
+        model = build_model({"name": "regnet_bifpn", "backbone": "regnetx_400mf",
+                             "weights": str(tmp_path / "regnet.pt")}, 10, 32)
+    file = torch.load(tmp_path / "regnet.pt")
+    mine = model.state_dict()
+    loaded = [k for k in file if f"backbone.{k}" in mine]
+    assert len(loaded) > 0.9 * len(file)
+    for k in loaded:
+        assert torch.equal(mine[f"backbone.{k}"], file[k]), k
+    assert f"loaded {len(loaded)} tensors" in caplog.text
+    assert "unexpected (ignored): backbone.fc.weight, backbone.fc.bias" in caplog.text
+
+
 # --- malicious pickles ---------------------------------------------------------------------------
 
 def _payload(path: str) -> None:

@@ -139,7 +139,8 @@ def read_state_dict(path: str | Path) -> Mapping[str, Any]:
 def _align_passthrough_prefix(state: Mapping[str, Any],
                               own: Mapping[str, Any]) -> Mapping[str, Any]:
     """Let a library-named file (``fc.weight``) load into a passthrough (``model.fc.weight``)
-    and back, when that is the only way any name matches."""
+    and back, or a backbone's file into the model part holding it (``backbone.``), when that is
+    the only way names match."""
     if any(k in own for k in state):
         return state
     if all(k.startswith(PASSTHROUGH_PREFIX) for k in own):
@@ -151,6 +152,12 @@ def _align_passthrough_prefix(state: Mapping[str, Any],
                          if k.startswith(PASSTHROUGH_PREFIX) else None)
         if any(k in own for k in stripped):
             return stripped
+    # A backbone's file for a model that holds it as a part (a RegNet file for regnet_bifpn's
+    # ``backbone``): most of its names match under one top-level module.
+    parts = sorted({k.split(".", 1)[0] for k in own if "." in k})
+    hits, part = max(((sum(f"{p}.{k}" in own for k in state), p) for p in parts), default=(0, ""))
+    if hits * 2 > len(state):
+        return rekey(state, lambda k: f"{part}.{k}")
     return state
 
 
