@@ -196,9 +196,9 @@ def _check_some_readable(split: str, source, kept: int, bad: list[tuple[str, str
     # A split with no readable image would score 0/0: a val loss of 0.0 looks perfect to early
     # stopping and best.pt, where skipping a few files is only worth a warning.
     if len(source) and not kept:
-        loc, why = bad[0]
-        raise CnnBenchError(f"none of the {len(source)} images of the {split} split is readable "
-                            f"(e.g. {loc}: {why}); fix or replace them")
+        example = f" (e.g. {bad[0][0]}: {bad[0][1]})" if bad else ""
+        raise CnnBenchError(f"none of the {len(source)} images of the {split} split is readable"
+                            f"{example}; fix or replace them")
 
 
 def _stats(cfg: dict, sets: SplitSet, train_images: torch.Tensor | None):

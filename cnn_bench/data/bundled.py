@@ -93,7 +93,7 @@ def _read_archive(path: str, size: int, mtime_ns: int):
     return tree, folders, digest(packed)
 
 
-def _source(path: Path, tree, folders, top: str, classes: list[str], sha: str) -> BlobSource:
+def _source(path: Path, tree, top: str, classes: list[str], sha: str) -> BlobSource:
     names, blobs, labels = [], [], []
     for label, cls in enumerate(classes):
         images = tree.get(top, {}).get(cls, [])
@@ -122,14 +122,14 @@ def cifar10_mini(cfg: dict) -> SplitSet:
     if "train" not in splits:
         raise CnnBenchError(f"{path} has no train/<class>/ images")
     classes = sorted(folders[splits["train"]])
-    train = _source(path, tree, folders, splits["train"], classes, sha)
+    train = _source(path, tree, splits["train"], classes, sha)
     if "val" in splits:
         check_same_classes(f"{path} {splits['val']}/", sorted(folders[splits["val"]]), classes)
-        val = _source(path, tree, folders, splits["val"], classes, sha)
+        val = _source(path, tree, splits["val"], classes, sha)
     else:
         train, val = split_source(train, cfg["val_fraction"], cfg["split_seed"])
     test = None
     if "test" in splits:
         check_same_classes(f"{path} {splits['test']}/", sorted(folders[splits["test"]]), classes)
-        test = _source(path, tree, folders, splits["test"], classes, sha)
+        test = _source(path, tree, splits["test"], classes, sha)
     return SplitSet(train, val, test, classes, mean=CIFAR10_MEAN, std=CIFAR10_STD)
