@@ -21,7 +21,9 @@ def param_groups(model: nn.Module, weight_decay: float, head_lr_mult: float = 1.
                  norm_bias_lr_mult: float = 1.0, decay_norm_and_bias: bool = False) -> list[dict]:
     """Trainable parameters only; no weight decay on BN/bias (1-d) parameters unless
     ``decay_norm_and_bias``, which decays them by as much per step as the weights (the
-    normalisation shifts' decay divided by their lr multiplier: airbench's convention).
+    normalisation shifts' decay divided by their lr multiplier: airbench's convention), nor on
+    what the model's ``no_weight_decay()`` names (timm's ViT tokens and position embeddings:
+    timm's train.py leaves them undecayed too).
 
     ``head_lr_mult`` scales the classifier's lr (the module named by ``model.classifier_name``),
     ``norm_bias_lr_mult`` the lr of normalisation layers' shifts (BatchNorm/GroupNorm/LayerNorm
@@ -29,6 +31,7 @@ def param_groups(model: nn.Module, weight_decay: float, head_lr_mult: float = 1.
     ``base_lr`` can read the schedule's lr back.
     """
     head_prefix = getattr(model, "classifier_name", None)
+    no_decay = _no_weight_decay_names(model)
     norm_biases = {id(m.bias) for m in model.modules()
                    if isinstance(m, NORM_LAYERS) and getattr(m, "bias", None) is not None}
     groups: dict[tuple[bool, bool, bool], list[nn.Parameter]] = {}
@@ -37,7 +40,8 @@ def param_groups(model: nn.Module, weight_decay: float, head_lr_mult: float = 1.
             continue
         is_head = bool(head_prefix) and (name == head_prefix or name.startswith(head_prefix + "."))
         is_norm_bias = norm_bias_lr_mult != 1.0 and id(p) in norm_biases
-        key = (p.ndim > 1 or decay_norm_and_bias, is_head and head_lr_mult != 1.0, is_norm_bias)
+        decays = (p.ndim > 1 or decay_norm_and_bias) and name not in no_decay
+        key = (decays, is_head and head_lr_mult != 1.0, is_norm_bias)
         groups.setdefault(key, []).append(p)
     return [
         {"params": ps,
@@ -47,6 +51,17 @@ def param_groups(model: nn.Module, weight_decay: float, head_lr_mult: float = 1.
          "lr_mult": (head_lr_mult if head else 1.0) * (norm_bias_lr_mult if norm_bias else 1.0)}
         for (decay, head, norm_bias), ps in sorted(groups.items())
     ]
+
+
+def _no_weight_decay_names(model: nn.Module) -> set[str]:
+    """Parameter names a timm model asks to keep undecayed, for the model or the library model
+    a passthrough wraps (as ``model.``)."""
+    names: set[str] = set()
+    for prefix, m in (("", model), ("model.", getattr(model, "model", None))):
+        fn = getattr(m, "no_weight_decay", None)
+        if isinstance(m, nn.Module) and callable(fn):
+            names |= {prefix + n for n in fn()}
+    return names
 
 
 def base_lr(optimizer: torch.optim.Optimizer) -> float:
