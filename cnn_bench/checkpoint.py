@@ -102,9 +102,11 @@ def model_weights(ckpt: dict, use_ema: bool = True) -> tuple[dict, str]:
 RESUME_GROUPS = ("model", "optimizer", "scheduler", "finetune")
 
 
-def settings_changed(ckpt: dict, cfg, groups=RESUME_GROUPS, limit: int = 4) -> list[str]:
+def settings_changed(ckpt: dict, cfg, groups=RESUME_GROUPS, limit: int = 4,
+                     new_keys: bool = True) -> list[str]:
     """``key: then -> now`` for the leaves of ``groups`` where the checkpoint's config (its YAML
-    string) and ``cfg`` differ, at most ``limit`` of them."""
+    string) and ``cfg`` differ, at most ``limit`` of them; with ``new_keys=False``, not for
+    keys the checkpoint's config lacks."""
 
     def leaves(node, prefix=""):
         if isinstance(node, dict):
@@ -124,5 +126,5 @@ def settings_changed(ckpt: dict, cfg, groups=RESUME_GROUPS, limit: int = 4) -> l
     unset = object()
     keys = sorted(old.keys() | new.keys(), key=lambda k: (not k.endswith((".name", ".mode")), k))
     diffs = [f"{k}: {shown(old, k)} -> {shown(new, k)}" for k in keys
-             if old.get(k, unset) != new.get(k, unset)]
+             if old.get(k, unset) != new.get(k, unset) and (new_keys or k in old)]
     return diffs[:limit] + ([f"{len(diffs) - limit} more"] if len(diffs) > limit else [])

@@ -185,7 +185,13 @@ def run(cfg: DictConfig) -> dict:
         # Loaded on the CPU: RNG states must stay there, and load_state_dict copies model and
         # optimizer tensors to the parameters' device itself.
         ck = load_checkpoint(resume)
+        # Changed values that still load (optimizer.lr, scheduler=step) would be overridden by
+        # the checkpoint's param groups, or mix two schedules, without a word. Keys the
+        # checkpoint's config lacks (added by a later cnn_bench) are not a change.
+        changed = settings_changed(ck, cfg, new_keys=False)
         try:
+            if changed:
+                raise ValueError(changed[0])
             model.load_state_dict(ck["model"])
             load_optimizer_state(optimizer, ck["optimizer"])
             scheduler.load_state_dict(ck["scheduler"])
@@ -194,7 +200,8 @@ def run(cfg: DictConfig) -> dict:
             raise CnnBenchError(
                 f"cannot resume from {resume}: it was trained with other settings "
                 f"({'; '.join(changed)}); resume with the same model, optimizer, scheduler and "
-                f"finetune settings, or train anew without trainer.resume") from None
+                f"finetune settings, or start a new run from its weights "
+                f"(model.weights={resume})") from None
         if ck["scaler"]:  # empty when the earlier attempt ran without one (bf16, fp32, CPU)
             scaler.load_state_dict(ck["scaler"])
         if ema is not None:

@@ -241,10 +241,13 @@ def test_resume_from_a_path_into_a_new_directory_keeps_best_and_history(tiny_fol
     ("optimizer=adam", "optimizer.name: 'sgd' -> 'adam'"),
     ("model.width_mult=0.5", "model.width_mult: 1.0 -> 0.5"),
     ("finetune=head", "finetune.mode: 'full' -> 'head'"),
+    ("optimizer.lr=0.05", "optimizer.lr: 0.2 -> 0.05"),
+    ("scheduler=step", "scheduler.name: 'onecycle' -> 'step'"),
 ])
 def test_resume_with_other_settings_is_one_line(trained, tiny_folder, tmp_path, change, named):
-    # Each ended in a traceback (KeyError: 'step', "different number of parameter groups",
-    # a size-mismatch dump) that did not say which setting differed.
+    # The first three ended in a traceback (KeyError: 'step', "different number of parameter
+    # groups", a size-mismatch dump) that did not say which setting differed; the last two
+    # resumed silently with the checkpoint's lr, or a mix of the two schedules.
     out, _ = trained
     cfg = compose_config(tiny_overrides(tiny_folder, tmp_path / "r", change,
                                         f"trainer.resume={out / 'checkpoints/last.pt'}"))
