@@ -21,8 +21,8 @@ def fail(message: str, code: int = 2) -> None:
 
 
 def user_errors(fn: Callable) -> Callable:
-    """Wrap a Hydra task: a ``CnnBenchError`` or a GPU out-of-memory error in a single run
-    exits with one line.
+    """Wrap a Hydra task: a ``CnnBenchError``, a GPU out-of-memory error or a data worker's
+    death in a single run exits with one line.
 
     In a multirun the job runs through :func:`cnn_bench.sweep.job.run_sweep_job`: a finished job
     is skipped, an unfinished one resumes, and any failure is recorded in the job's
@@ -46,6 +46,15 @@ def user_errors(fn: Callable) -> Callable:
             fail(str(e))
         except torch.OutOfMemoryError as e:
             fail(out_of_memory(e, cfg))
+        except RuntimeError as e:
+            # A worker's death also surfaces through PyTorch's SIGCHLD handler, wherever the
+            # main process is at the time (in backward(), say), not only in the loader.
+            from cnn_bench.data.stream import worker_failure
+
+            why = worker_failure(e)
+            if why is None:
+                raise
+            fail(why)
 
     return wrapper
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
+import torch
 from torch.utils.data import DataLoader, Dataset
 
 from cnn_bench.data.augment import BatchAugment
@@ -87,6 +88,22 @@ def _one_line(exc: CnnBenchError) -> str:
     return msg if sep else last
 
 
+def worker_failure(exc: BaseException) -> str | None:
+    """One line for a data worker that died (killed, often by the out-of-memory killer) or ran
+    out of shared memory; ``None`` for any other error."""
+    text = str(exc).strip()
+    if "shared memory" in text or "/dev/shm" in text:
+        return ("the data-loading workers ran out of shared memory (/dev/shm; Docker gives 64 MB "
+                "unless started with --shm-size): enlarge it, or lower trainer.batch_size or "
+                "dataset.num_workers (0 decodes in the main process); resume with "
+                "trainer.resume=auto")
+    if text.startswith("DataLoader worker (pid"):
+        first = text.splitlines()[0].rstrip(". ")
+        return (f"{first} (often the system's out-of-memory killer): lower dataset.num_workers "
+                "or trainer.batch_size, or free memory; resume with trainer.resume=auto")
+    return None
+
+
 class StreamLoader(EpochLoader):
     """Decodes in ``num_workers`` persistent worker processes (pinned memory on CUDA)."""
 
@@ -100,6 +117,10 @@ class StreamLoader(EpochLoader):
             num_workers=num_workers,
             pin_memory=self.device.type == "cuda",
             persistent_workers=num_workers > 0,
+            # Its own generator: each iterator draws the workers' base seed from it, otherwise
+            # from the global RNG, shifting dropout's CPU masks by how often iterators start
+            # (per epoch with 0 workers, per attempt with persistent ones, never in memory).
+            generator=torch.Generator().manual_seed(seed),
         )
 
     def __iter__(self):
@@ -118,6 +139,12 @@ class StreamLoader(EpochLoader):
             except CnnBenchError as exc:
                 self._stop_workers()
                 raise CnnBenchError(_one_line(exc)) from None
+            except (RuntimeError, OSError) as exc:
+                why = worker_failure(exc)
+                if why is None:
+                    raise
+                self._stop_workers()
+                raise CnnBenchError(why) from None
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
             flip = None if flips is None else flips[self.batch_ids(order, b)]
