@@ -328,7 +328,8 @@ def compile_warmup(train_model: StepModel, train_loader, eval_model: StepModel |
             torch.cuda.synchronize(rt.device)
         skipped = _cudagraph_skips() - skips
         graphed = [m for m in models if m.cudagraphs and m.compiled]
-        if skipped and graphed:
+        # on the CPU inductor counts every graph as a skipped CUDA graph: there are none to skip
+        if skipped and graphed and rt.device.type == "cuda":
             # inductor logs why only with TORCH_LOGS=cudagraphs; the run stays compiled
             warnings.warn(f"CUDA graphs skipped for {skipped} compiled graph(s): compile_mode="
                           f"{graphed[0].mode} runs those without them (TORCH_LOGS=cudagraphs "

@@ -127,6 +127,13 @@ def run(cfg: DictConfig) -> dict:
     _write_config(out, cfg)
     tr = cfg.trainer
     rt = resolve_runtime(tr)
+    if rt.device.type == "cuda":  # peak_mem_mb is this run's, not the process's (a sweep's jobs)
+        torch.cuda.reset_peak_memory_stats(rt.device)
+    if tr.compile:
+        # Runs in one process (Hydra's basic sweep launcher, a notebook) add their graphs to
+        # the same code objects' caches: past dynamo's recompile limit (8) a later run would
+        # train eagerly without a word. Each run compiles afresh.
+        torch._dynamo.reset()
     seed_everything(tr.seed)
 
     res = cfg.dataset.resolution

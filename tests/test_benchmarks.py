@@ -435,8 +435,21 @@ def test_gpu_checks_step_past_the_budget_takes_its_children_along(tmp_path):
     child = f"import time, pathlib; time.sleep(2); pathlib.Path({str(marker)!r}).touch()"
     argv = [sys.executable, "-c", "import subprocess, sys, time; subprocess.Popen([sys.executable, "
             f"'-c', {child!r}]); print('started', flush=True); time.sleep(30)"]
-    code, output = gpu_checks._run(argv, 1.0)
+    code, output = gpu_checks._run(argv, 1.0, tmp_path / "step.log")
     assert code is None and output == "started\n"
+    assert (tmp_path / "step.log").read_text() == "started\n"  # what a cut-off pass brings back
     time.sleep(2.5)
     assert not marker.exists()
-    assert gpu_checks._run([sys.executable, "-c", "print('hi')"], 30) == (0, "hi\n")
+    assert gpu_checks._run([sys.executable, "-c", "print('hi')"], 30, tmp_path / "b.log") == (0, "hi\n")
+
+
+def test_gpu_checks_without_a_visible_gpu_stops_at_once(tmp_path):
+    # Every step would have run on the CPU into the budget, the CUDA tests "ok" while skipped.
+    import torch
+
+    from benchmarks import gpu_checks
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    assert gpu_checks.main(["--budget", "10", "--out-dir", str(tmp_path)]) == 1
+    assert "sees no GPU: nothing run" in (tmp_path / "report.md").read_text()

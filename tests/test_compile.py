@@ -70,10 +70,14 @@ def test_compile_warmup_restores_buffers_rng_and_grads(monkeypatch, tta):
     assert state["body.1.num_batches_tracked"] == 0
 
 
-@pytest.mark.parametrize("mode, warned", [("reduce-overhead", True), ("default", False)])
-def test_compile_warmup_warns_when_cuda_graphs_are_skipped(monkeypatch, mode, warned):
+@pytest.mark.parametrize("mode, device, warned", [("reduce-overhead", "cuda", True),
+                                                  ("default", "cuda", False),
+                                                  ("reduce-overhead", "cpu", False)])
+def test_compile_warmup_warns_when_cuda_graphs_are_skipped(monkeypatch, mode, device, warned):
     # reduce-overhead's CUDA graphs can be skipped (mutated inputs, CPU tensors...) and inductor
     # says so only under TORCH_LOGS=cudagraphs: the run would be silently slower than chosen.
+    # On the CPU inductor counts every graph as skipped: there the warning was always false.
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)  # "cuda" is pretend here
     def fake_compile(m, **kw):
         def compiled(x):
             counters["inductor"]["cudagraph_skips"] += 1   # as inductor counts a skipped graph
@@ -88,7 +92,7 @@ def test_compile_warmup_warns_when_cuda_graphs_are_skipped(monkeypatch, mode, wa
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         compile_warmup(step, train, None, None, nn.CrossEntropyLoss(),
-                       Runtime(torch.device("cpu"), "fp32", False))
+                       Runtime(torch.device(device), "fp32", False))
     msgs = [str(w.message) for w in caught if "CUDA graphs skipped" in str(w.message)]
     assert msgs == (["CUDA graphs skipped for 1 compiled graph(s): compile_mode=reduce-overhead "
                      "runs those without them (TORCH_LOGS=cudagraphs says why)"] if warned else [])
@@ -198,3 +202,24 @@ def loop_tta_model() -> nn.Module:
         def forward(self, x):
             return x[..., :1].mean(dim=(2, 3))
     return LeftColumn()
+
+
+def test_each_run_in_one_process_compiles_afresh(tiny_folder, tmp_path, monkeypatch):
+    # Jobs of a sweep run one after another in one process (Hydra's basic launcher): their
+    # graphs piled up in the same code objects' caches until dynamo's recompile limit, after
+    # which a later job trained eagerly without a word. (The eager backend: dynamo's caching
+    # without inductor's compile time; the limit lowered from 8 to reach it in two runs.)
+    import cnn_bench.train as train_mod
+    from conftest import compose_config, tiny_overrides
+
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: real(m, backend="eager", dynamic=False))
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 3)
+    graphs = []
+    for res in (16, 20):
+        before = counters["stats"]["unique_graphs"]
+        train_mod.run(compose_config(tiny_overrides(
+            tiny_folder, tmp_path / str(res), "trainer.compile=true", "trainer.epochs=1",
+            "trainer.limit_train_batches=1", f"dataset.resolution={res}")))
+        graphs.append(counters["stats"]["unique_graphs"] - before)
+    assert graphs[0] > 0 and graphs[1] == graphs[0]

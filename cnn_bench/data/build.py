@@ -118,6 +118,8 @@ def fits_on_device(decoded_bytes: int, max_memory_gb: float, device: torch.devic
     if decoded_bytes > max_memory_gb * 1e9:
         return False
     if device.type == "cuda":
+        # blocks the caching allocator still holds (an earlier run in this process) count as free
+        torch.cuda.empty_cache()
         free, _ = torch.cuda.mem_get_info(device)
         return decoded_bytes <= free / 2
     return True
