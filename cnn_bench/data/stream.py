@@ -10,6 +10,8 @@ the run ends with one line.
 from __future__ import annotations
 
 import itertools
+import signal
+import threading
 from pathlib import Path
 
 import torch
@@ -130,7 +132,7 @@ class StreamLoader(EpochLoader):
         order = self.schedule.order() if flips is not None else None
         if order is not None:
             order = order.to(self.device)
-        batches = iter(self.loader)
+        batches = self._start()
         for b in itertools.count():
             try:
                 x, y = next(batches)
@@ -149,6 +151,23 @@ class StreamLoader(EpochLoader):
             y = y.to(self.device, non_blocking=True)
             flip = None if flips is None else flips[self.batch_ids(order, b)]
             yield self.finish(x, gen, flip), y
+
+    def _start(self):
+        """``iter(self.loader)``, with a Ctrl-C that arrives while it forks the workers held
+        until they are up: raised inside an at-fork hook (logging's), Python prints it as
+        "Exception ignored" and the run went on."""
+        if (self.loader.num_workers == 0 or self.loader._iterator is not None
+                or threading.current_thread() is not threading.main_thread()):
+            return iter(self.loader)  # no fork: workers absent, or persistent and running
+        caught = []
+        previous = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+        try:
+            batches = iter(self.loader)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        if caught:
+            raise KeyboardInterrupt
+        return batches
 
     def _stop_workers(self) -> None:
         """Shut the workers down now: left to the garbage collector (the traceback keeps this
