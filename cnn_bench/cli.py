@@ -49,7 +49,7 @@ def user_errors(fn: Callable) -> Callable:
         except RuntimeError as e:
             # A worker's death also surfaces through PyTorch's SIGCHLD handler, wherever the
             # main process is at the time (in backward(), say), not only in the loader.
-            from cnn_bench.data.stream import worker_failure
+            from cnn_bench.data.workers import worker_failure
 
             why = worker_failure(e)
             if why is None:

@@ -12,7 +12,7 @@ import torch.utils.data
 
 import cnn_bench.train as train_mod
 from cnn_bench import cli
-from cnn_bench.data import stream
+from cnn_bench.data import memory, stream, workers
 from conftest import compose_config, tiny_overrides
 
 
@@ -59,9 +59,9 @@ def test_a_killed_data_worker_is_one_line(tiny_folder, tmp_path, monkeypatch, ca
 def test_shared_memory_exhaustion_is_one_line():
     exc = RuntimeError("unable to allocate shared memory(shm) for file </torch_1_2>: No space "
                        "left on device (28)\nmore lines")
-    why = stream.worker_failure(exc)
+    why = workers.worker_failure(exc)
     assert why.startswith("the data-loading workers ran out of shared memory") and "\n" not in why
-    assert stream.worker_failure(RuntimeError("size mismatch")) is None
+    assert workers.worker_failure(RuntimeError("size mismatch")) is None
 
 
 _SIGINT_AT_FORK = []
@@ -92,3 +92,27 @@ def test_ctrl_c_while_workers_start_stops_the_run(tiny_folder, tmp_path):
         with pytest.raises(KeyboardInterrupt):
             train_mod.run(cfg)
     assert not _SIGINT_AT_FORK
+
+
+@pytest.mark.parametrize("which", ["decode", "validate"])
+def test_ctrl_c_while_the_data_pass_starts_its_workers_stops_it(tiny_folder, tmp_path,
+                                                                 monkeypatch, which):
+    # The one-off decode (in memory) and validation (streaming) passes fork workers for large
+    # datasets (>= 1,000 images; lowered here) and had the same window.
+    monkeypatch.setattr(memory if which == "decode" else stream, "_MIN_PARALLEL", 1)
+    cfg = compose_config(tiny_overrides(
+        tiny_folder, tmp_path / "run", f"dataset.in_memory={which == 'decode'}",
+        "dataset.num_workers=1", f"dataset.cache_dir={tmp_path / 'cache'}"))
+    real = torch.utils.data.DataLoader.__iter__
+    calls = []
+
+    def armed_once(self):  # the data pass's loader, the first to start workers
+        if not calls:
+            _SIGINT_AT_FORK.append(True)
+        calls.append(self)
+        return real(self)
+
+    monkeypatch.setattr(torch.utils.data.DataLoader, "__iter__", armed_once)
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.run(cfg)
+    assert not _SIGINT_AT_FORK and len(calls) == 1  # stopped in the data pass

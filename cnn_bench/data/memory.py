@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from cnn_bench.data import workers
 from cnn_bench.data.augment import BatchAugment
 from cnn_bench.data.cache import cache_path, load_payload, save_payload
 from cnn_bench.data.decode import try_decode
@@ -46,10 +47,9 @@ def decode_source(source: ImageSource, resolution: int, num_workers: int):
     images = torch.empty((n, 3, resolution, resolution), dtype=torch.uint8)
     keep = torch.ones(n, dtype=torch.bool)
     failed: list[tuple[str, str]] = []
-    workers = num_workers if n >= _MIN_PARALLEL else 0
     batches = DataLoader(_DecodeItems(source, resolution), batch_size=_DECODE_CHUNK,
-                         num_workers=workers, collate_fn=_collate)
-    for idx, imgs, bad in batches:
+                         num_workers=num_workers if n >= _MIN_PARALLEL else 0, collate_fn=_collate)
+    for idx, imgs, bad in workers.start(batches):
         if imgs is not None:
             images[idx] = imgs
         for i, why in bad:

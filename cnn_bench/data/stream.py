@@ -10,13 +10,12 @@ the run ends with one line.
 from __future__ import annotations
 
 import itertools
-import signal
-import threading
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from cnn_bench.data import workers
 from cnn_bench.data.augment import BatchAugment
 from cnn_bench.data.cache import cache_path, load_payload, save_payload
 from cnn_bench.data.decode import check_image, try_decode
@@ -53,10 +52,10 @@ def validate(source: ImageSource, *, dataset: str, split: str, cache_dir: Path |
     if p is not None and {"bad", "reasons"} <= p.keys():
         bad = dict(zip(p["bad"], p["reasons"]))
     else:
-        workers = num_workers if len(source) >= _MIN_PARALLEL else 0
+        n_workers = num_workers if len(source) >= _MIN_PARALLEL else 0
         checks = DataLoader(_CheckFiles(source), batch_size=_CHECK_CHUNK,
-                            num_workers=workers, collate_fn=_as_list)
-        bad = {i: why for chunk in checks for i, why in chunk if why}
+                            num_workers=n_workers, collate_fn=_as_list)
+        bad = {i: why for chunk in workers.start(checks) for i, why in chunk if why}
         save_payload({"bad": sorted(bad), "reasons": [bad[i] for i in sorted(bad)]}, path)
     if not bad:
         return source, []
@@ -90,22 +89,6 @@ def _one_line(exc: CnnBenchError) -> str:
     return msg if sep else last
 
 
-def worker_failure(exc: BaseException) -> str | None:
-    """One line for a data worker that died (killed, often by the out-of-memory killer) or ran
-    out of shared memory; ``None`` for any other error."""
-    text = str(exc).strip()
-    if "shared memory" in text or "/dev/shm" in text:
-        return ("the data-loading workers ran out of shared memory (/dev/shm; Docker gives 64 MB "
-                "unless started with --shm-size): enlarge it, or lower trainer.batch_size or "
-                "dataset.num_workers (0 decodes in the main process); resume with "
-                "trainer.resume=auto")
-    if text.startswith("DataLoader worker (pid"):
-        first = text.splitlines()[0].rstrip(". ")
-        return (f"{first} (often the system's out-of-memory killer): lower dataset.num_workers "
-                "or trainer.batch_size, or free memory; resume with trainer.resume=auto")
-    return None
-
-
 class StreamLoader(EpochLoader):
     """Decodes in ``num_workers`` persistent worker processes (pinned memory on CUDA)."""
 
@@ -132,7 +115,7 @@ class StreamLoader(EpochLoader):
         order = self.schedule.order() if flips is not None else None
         if order is not None:
             order = order.to(self.device)
-        batches = self._start()
+        batches = workers.start(self.loader)
         for b in itertools.count():
             try:
                 x, y = next(batches)
@@ -142,7 +125,7 @@ class StreamLoader(EpochLoader):
                 self._stop_workers()
                 raise CnnBenchError(_one_line(exc)) from None
             except (RuntimeError, OSError) as exc:
-                why = worker_failure(exc)
+                why = workers.worker_failure(exc)
                 if why is None:
                     raise
                 self._stop_workers()
@@ -151,23 +134,6 @@ class StreamLoader(EpochLoader):
             y = y.to(self.device, non_blocking=True)
             flip = None if flips is None else flips[self.batch_ids(order, b)]
             yield self.finish(x, gen, flip), y
-
-    def _start(self):
-        """``iter(self.loader)``, with a Ctrl-C that arrives while it forks the workers held
-        until they are up: raised inside an at-fork hook (logging's), Python prints it as
-        "Exception ignored" and the run went on."""
-        if (self.loader.num_workers == 0 or self.loader._iterator is not None
-                or threading.current_thread() is not threading.main_thread()):
-            return iter(self.loader)  # no fork: workers absent, or persistent and running
-        caught = []
-        previous = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
-        try:
-            batches = iter(self.loader)
-        finally:
-            signal.signal(signal.SIGINT, previous)
-        if caught:
-            raise KeyboardInterrupt
-        return batches
 
     def _stop_workers(self) -> None:
         """Shut the workers down now: left to the garbage collector (the traceback keeps this
