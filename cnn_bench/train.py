@@ -196,19 +196,19 @@ def run(cfg: DictConfig) -> dict:
         # the checkpoint's param groups, or mix two schedules, without a word. Keys the
         # checkpoint's config lacks (added by a later cnn_bench) are not a change.
         changed = settings_changed(ck, cfg, new_keys=False)
-        try:
-            if changed:
-                raise ValueError(changed[0])
-            model.load_state_dict(ck["model"])
-            load_optimizer_state(optimizer, ck["optimizer"])
-            scheduler.load_state_dict(ck["scheduler"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            changed = settings_changed(ck, cfg) or [str(e).strip().splitlines()[0][:160]]
+        if not changed:
+            try:
+                model.load_state_dict(ck["model"])
+                load_optimizer_state(optimizer, ck["optimizer"])
+                scheduler.load_state_dict(ck["scheduler"])
+            except (RuntimeError, ValueError, KeyError) as e:
+                changed = settings_changed(ck, cfg) or [str(e).strip().splitlines()[0][:160]]
+        if changed:
             raise CnnBenchError(
                 f"cannot resume from {resume}: it was trained with other settings "
                 f"({'; '.join(changed)}); resume with the same model, optimizer, scheduler and "
                 f"finetune settings, or start a new run from its weights "
-                f"(model.weights={resume})") from None
+                f"(model.weights={resume})")
         if ck["scaler"]:  # empty when the earlier attempt ran without one (bf16, fp32, CPU)
             scaler.load_state_dict(ck["scaler"])
         if ema is not None:

@@ -37,12 +37,13 @@ _DECOMPRESS = ((b"\xfd7zXZ\x00", lzma.decompress), (b"\x1f\x8b", gzip.decompress
                (b"BZh", bz2.decompress))
 
 
-def _unpack(path: str, packed: bytes) -> tuple[bytes, list[tarfile.TarInfo], tarfile.TarFile]:
+def _unpack(path: str, packed: bytes) -> tuple[bytes, tarfile.TarFile]:
     try:
         fn = next((fn for magic, fn in _DECOMPRESS if packed.startswith(magic)), None)
         data = fn(packed) if fn else packed
         tar = tarfile.open(fileobj=io.BytesIO(data), mode="r:")
-        return data, tar.getmembers(), tar
+        tar.getmembers()  # reads the whole index here, where a damaged archive is reported
+        return data, tar
     except (lzma.LZMAError, OSError, EOFError, tarfile.TarError) as exc:
         why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CnnBenchError(f"{path} is not a readable tar archive (.tar, .tar.xz, .tar.gz, "
@@ -66,10 +67,10 @@ def _read_archive(path: str, size: int, mtime_ns: int):
     ``extractfile`` per member (0.5 s for the 12,000-image asset).
     """
     packed = Path(path).read_bytes()
-    data, members, tar = _unpack(path, packed)
+    data, tar = _unpack(path, packed)
     tree: dict[str, dict[str, list[tuple[str, bytes]]]] = {}
     folders: dict[str, set[str]] = {}
-    for m in members:
+    for m in tar.getmembers():
         parts = [p for p in m.name.split("/") if p not in ("", ".")]
         if len(parts) < 2 or any(p.startswith(".") for p in parts):
             continue

@@ -70,16 +70,13 @@ def _find_stages(model: nn.Module, classifier: str) -> list[str]:
                 if not (classifier == prefix + n or classifier.startswith(prefix + n + "."))
                 and any(True for _ in m.parameters())]
 
-    def size(name: str) -> int:
-        return sum(p.numel() for p in model.get_submodule(name).parameters())
-
     stages = with_params(model, "")
     while True:
         # NOTE: 95% of the parameters splits RegNet's trunk (99.98-100%), ViT's encoder (97-99%),
         # Swin's and MaxViT's blocks (99-100%), and keeps the stages people mean whole: ResNet's
         # layer4 (63-75%), RegNet's block4 (16-89%).
-        total = sum(size(s) for s in stages)
-        big = next((s for s in stages if size(s) >= 0.95 * total
+        size = {s: sum(p.numel() for p in model.get_submodule(s).parameters()) for s in stages}
+        big = next((s for s in stages if size[s] >= 0.95 * sum(size.values())
                     and len(with_params(model.get_submodule(s), s + ".")) >= 2), None)
         if big is None:
             break
