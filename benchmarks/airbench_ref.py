@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import os
 import sys
 import tempfile
@@ -52,14 +53,19 @@ def _airbench():
 
 def write_airbench_files(root: Path, dest: Path, limit: int | None = None) -> Path:
     """Decode ``root/{train,test}/<class>/*`` into airbench's ``{train,test}.pt`` under ``dest``
-    (kept: later calls reuse them). ``limit`` keeps that many images per split (smoke runs)."""
+    (kept: later calls on the same ``root`` and ``limit`` reuse them). ``limit`` keeps that many
+    images per split (smoke runs)."""
     from PIL import Image
 
     dest.mkdir(parents=True, exist_ok=True)
+    stamp = dest / "source.json"
+    want = {"root": str(Path(root).resolve()), "limit": limit}
+    if stamp.exists() and json.loads(stamp.read_text()) == want \
+            and all((dest / f"{s}.pt").exists() for s in ("train", "test")):
+        return dest
+    stamp.unlink(missing_ok=True)  # written last: a cut-short decode is redone
     for split in ("train", "test"):
         path = dest / f"{split}.pt"
-        if path.exists():
-            continue
         classes = sorted(p.name for p in (root / split).iterdir() if p.is_dir())
         files = [(f, i) for i, c in enumerate(classes) for f in sorted((root / split / c).iterdir())]
         if limit is not None:
@@ -75,6 +81,7 @@ def write_airbench_files(root: Path, dest: Path, limit: int | None = None) -> Pa
         images = np.stack(images)
         torch.save({"images": torch.from_numpy(images),
                     "labels": torch.tensor([i for _, i in files]), "classes": classes}, path)
+    stamp.write_text(json.dumps(want))
     return dest
 
 

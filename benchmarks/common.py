@@ -3,7 +3,9 @@ subprocess timing, small data helpers and the hand-written ("plain PyTorch") tra
 
 The plain loop here is the baseline every comparison is made against: what a careful person
 writes by hand (index a tensor or iterate a DataLoader, autocast, backward, step), with no
-per-step host sync, so that a ratio above 1 measures cnn_bench's own overhead.
+per-step host sync of its own, so that a ratio above 1 measures cnn_bench's own overhead. Its
+optimizer is torch's default SGD: with fp16 on CUDA, GradScaler then reads the inf check on the
+host every step (cnn_bench's fused SGD does not), which the throughput table notes.
 """
 
 from __future__ import annotations
@@ -260,6 +262,19 @@ def make_subset(src: Path, dst: Path, per_class: dict[str, int | None]) -> Path:
                 (out / f.name).symlink_to(f)
     stamp.write_text(json.dumps(want))
     return dst
+
+
+def same_splits_view(root: Path, val_split: str, view: Path) -> Path:
+    """``root``, or a view of it with only ``train/`` and ``val_split/`` when it has other split
+    folders: cnn_bench validates on the first of val/, validation/, valid/ it finds and also
+    scores test/ at the end when both exist, while the other runners evaluate ``val_split`` once
+    per epoch; with only those two folders every runner evaluates the same images, once."""
+    from cnn_bench.data.imagefolder import VAL_DIRS
+
+    others = [d for d in (*VAL_DIRS, "test") if d != val_split and (root / d).is_dir()]
+    if not others:
+        return root
+    return make_subset(root, view, {"train": None, val_split: None})
 
 
 # --------------------------------------------------------------------------- the plain loop

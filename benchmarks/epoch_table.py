@@ -5,7 +5,8 @@
 Each argument is ``LABEL=PATH``: a run directory (its ``metrics.jsonl``) or a ``metrics.jsonl``
 file. Rows are epochs; each run contributes its ``val/acc`` (the test accuracy in
 ``time_to_accuracy.py``'s runs, which train with ``dataset.val_fraction=0``) and its
-``epoch_time_s``. A run that stopped early shows ``-`` for the epochs it did not reach.
+``epoch_time_s`` (s, two decimals). A run that stopped early shows ``-`` for the epochs it
+did not reach, and a run without an evaluation split ``-`` for its accuracy.
 """
 
 from __future__ import annotations
@@ -26,6 +27,12 @@ def read_epochs(path: Path) -> dict[int, dict]:
     return {r["epoch"]: r for r in records if "val/acc" in r and "epoch" in r}
 
 
+def _fmt(value: float | None, digits: int) -> str:
+    # A run without a val/test split logs val/acc as null; epoch times are tenths of a second on
+    # a GPU (the speedrun), so whole seconds would read 0.
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
 def table(runs: dict[str, dict[int, dict]]) -> str:
     epochs = sorted({e for recs in runs.values() for e in recs})
     head = " | ".join(f"{label}: acc | {label}: epoch s" for label in runs)
@@ -34,7 +41,7 @@ def table(runs: dict[str, dict[int, dict]]) -> str:
         cells = []
         for recs in runs.values():
             r = recs.get(e)
-            cells += [f"{r['val/acc']:.4f}", f"{r['epoch_time_s']:.0f}"] if r else ["-", "-"]
+            cells += [_fmt(r.get("val/acc"), 4), _fmt(r.get("epoch_time_s"), 2)] if r else ["-", "-"]
         lines.append(f"| {e} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -48,6 +48,10 @@ from cnn_bench.config import CONF_DIR
 
 DEFAULT_CPU = ["speednet_s:32:128", "resnet18:32:64", "mobilenet_v2:32:64"]
 DEFAULT_GPU = ["resnet50:224:256:bf16", "resnet18:32:512:bf16", "speednet:32:1024:bf16"]
+# The plain loop keeps torch's default (foreach) SGD; with GradScaler that optimizer's step reads
+# the inf check on the host (one sync per step), while cnn_bench's fused SGD takes it on the GPU.
+FP16_NOTE = ("- fp16 rows: the plain loop's GradScaler step syncs with the host once per step "
+             "(torch's default SGD); cnn_bench's fused SGD does not, and the ratio includes that")
 
 
 @dataclass(frozen=True)
@@ -312,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
                         "conf/experiment/NAME.yaml (default: the trained one, augmentation=none); "
                         "a spec of NAME's model is built with NAME's model options")
     p.add_argument("--smoke", action="store_true",
-                   help="a few steps, one repeat each way (checks the code path, not speed)")
+                   help="a few steps, two repeats each way (checks the code path, not speed)")
     p.add_argument("--out", help="also write the markdown report to this file")
     p.add_argument("--json", help="also write the raw per-repeat figures to this JSON file")
     args = p.parse_args(argv)
@@ -345,7 +349,9 @@ def main(argv: list[str] | None = None) -> int:
               "the step time" + (f", its augmentation {args.loader_experiment}'s"
                                  if args.loader_experiment else " (no augmentation)"),
               *([f"- a model that {args.loader_experiment} trains is built with its options "
-                 f"there (both paths)"] if args.loader_experiment else []), ""]
+                 f"there (both paths)"] if args.loader_experiment else []),
+              *([FP16_NOTE] if device.type == "cuda" and any(r["precision"] == "fp16" for r in raws)
+                else []), ""]
     common.emit("\n".join(header) + "\n" + table, args.out)
     if args.json:
         import json

@@ -70,9 +70,13 @@ def first_reaching(records: list[dict], target: float, key: str = "val/acc"):
     return None, None, None
 
 
-def data_overrides(data: Path) -> list[str]:
-    """ImageFolder (train/ + test/) or torchvision CIFAR-10 under ``data``."""
+def data_overrides(data: Path, work: Path) -> list[str]:
+    """ImageFolder (train/ + test/) or torchvision CIFAR-10 under ``data``. An ImageFolder with
+    a val/ folder too is seen through a view of train/ and test/ (symlinks under ``work``): the
+    trainer would validate on val/ each epoch and score test/ only at the end, and the time to
+    target is for the test accuracy."""
     if (data / "train").is_dir():
+        data = common.same_splits_view(data, "test", work / "view")
         return ["dataset=imagefolder", f"dataset.root={data}", "dataset.resolution=32",
                 f"dataset.mean={list(common.CIFAR10_MEAN)}", f"dataset.std={list(common.CIFAR10_STD)}"]
     return ["dataset=cifar10", f"dataset.root={data}"]
@@ -82,7 +86,7 @@ def run_one(args, experiment: str, seed: int, work: Path, env: dict) -> SeedRun:
     out = work / f"{experiment}-seed{seed}"
     if out.exists():
         shutil.rmtree(out)
-    overrides = [common.experiment_override(experiment), *data_overrides(args.data.resolve()),
+    overrides = [common.experiment_override(experiment), *data_overrides(args.data.resolve(), work),
                  "dataset.val_fraction=0", f"trainer.seed={seed}", f"trainer.device={args.device}",
                  "trainer.progress=false", f"output_dir={out}", f"hydra.run.dir={out}",
                  *(SMOKE_OVERRIDES if args.smoke else []), *args.set]

@@ -59,7 +59,6 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 from benchmarks import common
 from benchmarks.timm_script import (TIMM_LAUNCHER, TIMM_TIMES, parse_timm, script_has_option,
                                      timm_missing)
-from cnn_bench.data.imagefolder import VAL_DIRS
 
 HANDWRITTEN_PY = Path(__file__).resolve().parent / "handwritten.py"
 
@@ -266,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         data = common.make_subset(data, work / "subset", {"train": args.train_per_class,
                                                           args.val_split: args.test_per_class})
     else:
-        data = same_splits_view(data, args.val_split, work / "view")
+        data = common.same_splits_view(data, args.val_split, work / "view")
     env = {"CNN_BENCH_CACHE": str(work / "cnn_bench_cache"), "HYDRA_FULL_ERROR": "1"}
     if args.threads:
         env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
@@ -332,17 +331,6 @@ def main(argv: list[str] | None = None) -> int:
         verdicts.append(f"- timm: not measured ({tm.failure})")
     common.emit("\n".join(header) + "\n" + table + "\n\n" + "\n".join(verdicts), args.out)
     return 0 if cb.walls else 1
-
-
-def same_splits_view(root: Path, val_split: str, view: Path) -> Path:
-    """``root``, or a view of it with only ``train/`` and ``val_split/`` when it has other split
-    folders: cnn_bench validates on the first of val/, validation/, valid/ it finds and also
-    scores test/ at the end when both exist, while the other runners evaluate ``val_split`` once
-    per epoch; with only those two folders every runner evaluates the same images, once."""
-    others = [d for d in (*VAL_DIRS, "test") if d != val_split and (root / d).is_dir()]
-    if not others:
-        return root
-    return common.make_subset(root, view, {"train": None, val_split: None})
 
 
 def slug(name: str) -> str:

@@ -119,7 +119,7 @@ def test_vs_timm_gives_every_runner_the_same_splits(tmp_path, splits, val_split,
     from datagen import make_imagefolder
 
     root = make_imagefolder(tmp_path / "root", per_class=1, splits=splits)
-    got = vs_timm.same_splits_view(root, val_split, tmp_path / "view")
+    got = common.same_splits_view(root, val_split, tmp_path / "view")
     assert (got != root) is view
     assert sorted(p.name for p in got.iterdir() if p.is_dir()) == sorted(["train", val_split])
 
@@ -151,9 +151,15 @@ def test_time_to_accuracy_smoke(tiny_folder, tmp_path):
          "--set", "dataset.resolution=16", "--workdir", str(tmp_path / "work"), "--out", str(out))
     rows = {r[0]: r for r in _table_rows(out.read_text())}
     assert set(rows) == {"cifar10_resnet18", "cifar10_speedrun"}
-    for r in rows.values():
+    for exp, r in rows.items():
         assert r[1] == "1" and r[2] == "1/1" and r[6] == "1" and r[-1] == "-", r
         assert float(r[5].split()[0]) >= float(r[4].split()[0])  # + the evaluation's time
+        # The folder has val/ too: the accuracy per epoch (and to target) is test/'s, through a
+        # view without val/ (else the trainer validates on val/ and scores test/ once at the end).
+        summary = json.loads((tmp_path / "work" / f"{exp}-seed0" / "summary.json").read_text())
+        assert summary["test_acc"] is None and summary["final_val_acc"] is not None
+        assert float(r[7].split()[0]) == pytest.approx(summary["final_val_acc"], abs=5e-5)
+    assert not (tmp_path / "work" / "view" / "val").exists()
     # epoch_table.py puts the two runs' curves side by side (their metrics.jsonl epoch records).
     work = tmp_path / "work"
     curves = tmp_path / "curves.md"
@@ -166,8 +172,19 @@ def test_time_to_accuracy_smoke(tiny_folder, tmp_path):
     for run, cells in (("cifar10_resnet18", row[1:3]), ("cifar10_speedrun", row[3:5])):
         (rec,) = [json.loads(ln) for ln in (work / f"{run}-seed0" / "metrics.jsonl").open()
                   if '"val/acc"' in ln]
-        assert cells == [f"{rec['val/acc']:.4f}", f"{rec['epoch_time_s']:.0f}"], run
+        assert cells == [f"{rec['val/acc']:.4f}", f"{rec['epoch_time_s']:.2f}"], run
     assert row[0] == "1"
+
+
+def test_epoch_table_shows_a_run_without_evaluation(tmp_path):
+    # Without a val/test split the trainer logs val/acc as null; sub-second epochs keep digits.
+    from benchmarks import epoch_table
+
+    (tmp_path / "metrics.jsonl").write_text(
+        '{"epoch": 1, "val/acc": null, "epoch_time_s": 0.31}\n'
+        '{"epoch": 2, "val/acc": 0.5, "epoch_time_s": 0.29}\n')
+    rows = _table_rows(epoch_table.table({"a": epoch_table.read_epochs(tmp_path)}))
+    assert rows == [["1", "-", "0.31"], ["2", "0.5000", "0.29"]]
 
 
 @pytest.mark.parametrize("module", ["throughput", "vs_timm", "time_to_accuracy", "handwritten",
@@ -313,6 +330,14 @@ def test_airbench_files_mix_the_classes(tmp_path):
     assert sorted(train["labels"].tolist()) == [0] * 12 + [1] * 12 + [2] * 12
     assert set(train["labels"][:12].tolist()) == {0, 1, 2}  # the first third holds every class
     assert train["labels"].tolist() != sorted(train["labels"].tolist())
+    # Kept for the same source; another folder (or limit) in the same place is decoded anew.
+    other = make_imagefolder(tmp_path / "other", per_class=5, size=(32, 32), splits=("train", "test"))
+    assert write_airbench_files(data, tmp_path / "ab") == dest
+    assert torch.load(dest / "train.pt", weights_only=True)["labels"].numel() == 36
+    write_airbench_files(other, tmp_path / "ab")
+    assert torch.load(dest / "train.pt", weights_only=True)["labels"].numel() == 15
+    write_airbench_files(other, tmp_path / "ab", limit=6)
+    assert torch.load(dest / "test.pt", weights_only=True)["labels"].numel() == 6
 
 
 @pytest.mark.skipif(importlib.util.find_spec("airbench") is None,
