@@ -8,7 +8,7 @@ from cnn_bench.evaluate import run
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
-@cli.user_errors
+@cli.user_errors(sweep_jobs=False)
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

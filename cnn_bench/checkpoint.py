@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -69,16 +70,50 @@ def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> Any
     path = Path(path)
     if not path.is_file():
         raise CnnBenchError(f"checkpoint not found: {path}")
+    _check_magic(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported content"
         raise CnnBenchError(
             f"refusing to load {path}: it holds objects other than tensors and plain types "
-            f"({first[:160]}); only load files you trust, re-saved as a state dict"
+            f"({_unpickler_reason(str(e))}); only load files you trust, re-saved as a state dict"
         ) from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CnnBenchError(f"cannot read checkpoint {path}: {str(e).splitlines()[0][:200]}") from None
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001 - a torn or foreign file fails in many ways
+        why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise CnnBenchError(f"cannot read checkpoint {path}: {why}") from None
+
+
+# torch.save writes a zip archive; files of torch < 1.6 (and _use_new_zipfile_serialization=False)
+# are a pickle stream, which starts with the PROTO opcode.
+_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+def _check_magic(path: Path) -> None:
+    """One line for a file that cannot be a torch.save file: empty, a Git LFS pointer (a clone
+    without ``git lfs pull``), an HTML error page saved by a download, anything else."""
+    with path.open("rb") as f:
+        head = f.read(64)
+    if not head:
+        raise CnnBenchError(f"checkpoint {path} is empty (0 bytes): an interrupted copy or download?")
+    if head.startswith(_MAGIC):
+        return
+    if head.startswith(b"version https://git-lfs"):
+        raise CnnBenchError(f"{path} is a Git LFS pointer, not the checkpoint: run 'git lfs pull'")
+    shown = head[:16].decode("ascii", "backslashreplace").strip()
+    raise CnnBenchError(f"{path} is not a PyTorch checkpoint (it starts with {shown!r}; an HTML "
+                        "page or a text file saved in its place?)")
+
+
+def _unpickler_reason(text: str) -> str:
+    """The useful line of torch's weights-only refusal (``WeightsUnpickler error: Unsupported
+    global: ...``), without the terminal colour codes torch puts in its advice."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", ln).strip() for ln in text.splitlines()]
+    lines = [ln for ln in lines if ln]
+    hit = next((ln for ln in lines if "WeightsUnpickler error" in ln or "Unsupported global" in ln),
+               lines[0] if lines else "unsupported content")
+    return hit.split(". Please use")[0][:200]  # torch's advice on allow-listing follows
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:

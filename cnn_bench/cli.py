@@ -20,21 +20,25 @@ def fail(message: str, code: int = 2) -> None:
     raise SystemExit(code)
 
 
-def user_errors(fn: Callable) -> Callable:
+def user_errors(fn: Callable | None = None, *, sweep_jobs: bool = True) -> Callable:
     """Wrap a Hydra task: a ``CnnBenchError``, a GPU out-of-memory error or a data worker's
     death in a single run exits with one line.
 
-    In a multirun the job runs through :func:`cnn_bench.sweep.job.run_sweep_job`: a finished job
-    is skipped, an unfinished one resumes, and any failure is recorded in the job's
+    In a training multirun the job runs through :func:`cnn_bench.sweep.job.run_sweep_job`: a
+    finished job is skipped, an unfinished one resumes, and any failure is recorded in the job's
     ``status.json`` instead of stopping the sweep; the sweep callback reports it at the end.
+    With ``sweep_jobs=False`` (evaluate.py: nothing to resume) every job is a single run, and
+    the first failure stops the multirun with its line and a non-zero exit.
     """
+    if fn is None:
+        return functools.partial(user_errors, sweep_jobs=sweep_jobs)
 
     @functools.wraps(fn)
     def wrapper(cfg):
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
 
-        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        if sweep_jobs and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
             from cnn_bench.sweep.job import run_sweep_job
 
             return run_sweep_job(fn, cfg)
@@ -118,10 +122,22 @@ def _candidate_override_lists(overrides: list[str]) -> list[list[str]]:
     """One override list per sweep value (others at their first value), so each value is checked."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    from hydra.core.override_parser.types import Glob
+
     parsed = OverridesParser.create().parse_overrides(overrides)
     options = []
     for ov in parsed:
-        if ov.is_sweep_override():
+        if isinstance(ov.value(), Glob):
+            # glob() needs Hydra's config loader to list a group's options: list them here.
+            group = CONF_DIR / ov.key_or_group
+            if not group.is_dir():
+                continue  # not a config group: Hydra reports that itself
+            names = ov.value().filter(sorted(f.stem for f in group.glob("*.yaml")))
+            if not names:
+                fail(f"{ov.input_line} matches no {ov.key_or_group} config "
+                     f"({did_you_mean(ov.key_or_group, [f.stem for f in group.glob('*.yaml')])})")
+            values = [f"{ov.get_key_element()}={n}" for n in names]
+        elif ov.is_sweep_override():
             values = [f"{ov.get_key_element()}={v}" for v in ov.sweep_string_iterator()]
         else:
             values = [ov.input_line]
@@ -154,12 +170,20 @@ def check_command_line(argv: list[str], config_name: str = "config") -> None:
             if "local" not in o and shutil.which("srun") is None:
                 fail(f"{o} submits to SLURM, but there is no 'srun' on this machine's PATH: run "
                      "the sweep from a SLURM login node, or drop hydra/launcher to run it here")
-    if "hydra/launcher=local_gpus" in args.overrides:
-        for o in args.overrides:
-            key, _, value = o.partition("=")
-            if key in ("hydra.launcher.n_jobs", "hydra.launcher.cpu_threads") and value != "null" \
-                    and not (value.isdigit() and int(value) >= 1):
-                fail(f"{key} must be an integer >= 1 (or null for the default), got {value!r}")
+    local_gpus = "hydra/launcher=local_gpus" in args.overrides
+    other_launcher = not local_gpus and any(o.startswith("hydra/launcher=") for o in args.overrides)
+    for o in args.overrides:
+        key, _, value = o.partition("=")
+        if key not in ("hydra.launcher.n_jobs", "hydra.launcher.cpu_threads", "hydra.launcher.gpus") \
+                or other_launcher:
+            continue
+        if not local_gpus:  # Hydra's own answer is five lines ending in "use +hydra.launcher..."
+            fail(f"{key} is an option of the parallel launcher: add hydra/launcher=local_gpus")
+        if key == "hydra.launcher.gpus":
+            if value != "null" and not value.startswith("["):
+                fail(f"hydra.launcher.gpus takes a list of GPU ids: hydra.launcher.gpus=[{value}]")
+        elif value != "null" and not (value.isdigit() and int(value) >= 1):
+            fail(f"{key} must be an integer >= 1 (or null for the default), got {value!r}")
     overrides = [o for o in args.overrides if not o.startswith("hydra.") and not o.startswith("hydra/")]
     try:
         lists = _candidate_override_lists(overrides)
@@ -222,7 +246,7 @@ def _fixed_settings(parsed, ignore=()) -> dict[str, str]:
             and ov.key_or_group not in ignore}
 
 
-def check_sweep_dir(argv: list[str]) -> None:
+def check_sweep_dir(argv: list[str], config_name: str = "config") -> None:
     """A sweep into a ``hydra.sweep.dir`` that holds an earlier sweep must fix the same settings.
 
     Jobs are named by what varies (:func:`name_jobs_by_swept_keys`) and a finished job is
@@ -234,19 +258,32 @@ def check_sweep_dir(argv: list[str]) -> None:
     from omegaconf import OmegaConf
 
     args = get_args_parser().parse_args(argv)
-    dirs = [o.partition("=")[2] for o in args.overrides if o.startswith("hydra.sweep.dir=")]
-    if not args.multirun or not dirs or not (Path(dirs[-1]) / "multirun.yaml").is_file():
+    parser = OverridesParser.create()
+    if not args.multirun or not any(o.startswith("hydra.sweep.dir=") for o in args.overrides):
         return  # the default sweep dir is a new timestamped folder
+    try:
+        parsed = parser.parse_overrides(args.overrides)
+    except Exception:  # noqa: BLE001  (check_command_line has reported it)
+        return
+    # The folder as Hydra will use it: quotes removed, ${...} resolved against the config.
+    sweep_dir = str([ov for ov in parsed if ov.key_or_group == "hydra.sweep.dir"][-1].value())
+    if "${" in sweep_dir:
+        fixed = [ov.input_line for ov in parsed if not ov.is_sweep_override()]
+        try:
+            sweep_dir = str(compose_config(config_name, fixed, with_hydra=True).hydra.sweep.dir)
+        except Exception:  # noqa: BLE001  (Hydra reports an unresolvable dir itself)
+            return
+    if not (Path(sweep_dir) / "multirun.yaml").is_file():
+        return
     # keys that do not change what a job computes: the config's own exclude_keys
     ignore = set(OmegaConf.load(CONF_DIR / "config.yaml").hydra.job.config.override_dirname.exclude_keys)
-    parser = OverridesParser.create()
-    earlier = OmegaConf.load(Path(dirs[-1]) / "multirun.yaml").hydra.overrides.task
+    earlier = OmegaConf.load(Path(sweep_dir) / "multirun.yaml").hydra.overrides.task
     before = _fixed_settings(parser.parse_overrides(list(earlier)), ignore)
-    now = _fixed_settings(parser.parse_overrides(args.overrides), ignore)
+    now = _fixed_settings(parsed, ignore)
     if before != now:
         diff = ", ".join(f"{k}: {before.get(k, '(unset)')} -> {now.get(k, '(unset)')}"
                          for k in sorted(before.keys() | now.keys()) if before.get(k) != now.get(k))
-        fail(f"hydra.sweep.dir={dirs[-1]} holds a sweep with other fixed settings ({diff}); its "
+        fail(f"hydra.sweep.dir={sweep_dir} holds a sweep with other fixed settings ({diff}); its "
              f"finished jobs would be taken as this sweep's: use a new hydra.sweep.dir, or the "
              f"same fixed settings to resume or extend that sweep")
 
@@ -254,7 +291,7 @@ def check_sweep_dir(argv: list[str]) -> None:
 def launch(hydra_main: Callable[[], None], config_name: str = "config") -> None:
     """Check ``sys.argv`` for user mistakes, then hand over to the ``@hydra.main`` function."""
     check_command_line(sys.argv[1:], config_name)
-    check_sweep_dir(sys.argv[1:])
+    check_sweep_dir(sys.argv[1:], config_name)
     sys.argv[1:] = name_jobs_by_swept_keys(sys.argv[1:], config_name)
     try:
         hydra_main()

@@ -1,7 +1,8 @@
 """``run(cfg) -> results``: evaluate a checkpoint on its dataset's test (or val) split.
 
 Writes ``evaluation.json`` and ``confusion_matrix.png`` to ``<run>/eval/<split>/`` (or
-``output_dir``) and logs ``eval/<split>/*`` scalars to the run's TensorBoard directory.
+``output_dir``; for a checkpoint outside a run's ``checkpoints/`` folder, ``eval/<split>/``
+next to it) and logs ``eval/<split>/*`` scalars to the run's TensorBoard directory.
 """
 
 from __future__ import annotations
@@ -63,6 +64,33 @@ def plot_confusion(classes: list[str], confusion: torch.Tensor, path: Path, titl
     plt.close(fig)
 
 
+def class_mismatch(found: list[str], trained: list[str]) -> str:
+    """One line on how the data's classes differ from the checkpoint's (names, count, order)."""
+    missing = [c for c in trained if c not in found]
+    extra = [c for c in found if c not in trained]
+
+    def names(cs: list[str]) -> str:
+        return ", ".join(cs[:5]) + (f", ... ({len(cs)})" if len(cs) > 5 else "")
+
+    parts = ([f"missing {names(missing)}"] if missing else []) \
+        + ([f"not in the checkpoint {names(extra)}"] if extra else [])
+    if not parts:
+        parts = ["the same names in another order"]
+    return (f"the dataset's {len(found)} classes do not match the checkpoint's {len(trained)} "
+            f"({'; '.join(parts)}): point dataset_root at the data the model was trained on")
+
+
+def _log_to_tensorboard(tb_dir: Path, split: str, m: dict, step: int) -> None:
+    """``eval/<split>/{acc,loss}`` at the checkpoint's step; a run folder we may not write to
+    (someone else's, read-only) costs the scalars, not the evaluation."""
+    try:
+        with SummaryWriter(str(tb_dir)) as tb:
+            tb.add_scalar(f"eval/{split}/acc", m["acc"], step)
+            tb.add_scalar(f"eval/{split}/loss", m["loss"], step)
+    except OSError as e:
+        log.warning("not logged to TensorBoard (%s: %s)", tb_dir, e.strerror or e)
+
+
 def run(cfg: DictConfig) -> dict:
     """Evaluate ``cfg.ckpt`` on ``cfg.split`` (test | val | train); return and write the results.
 
@@ -80,21 +108,28 @@ def run(cfg: DictConfig) -> dict:
                             f"got {tta!r}")
     if cfg.get("dataset_root"):
         train_cfg.dataset.root = cfg.dataset_root
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, key="device")
     precision = cfg.precision if cfg.precision != "auto" else "fp32"
     rt = Runtime(device, precision, channels_last=False)
 
-    # The checkpoint's mean/std are what the model saw (pretrained runs use the weights' own).
-    data_cfg = OmegaConf.merge(train_cfg.dataset, {"mean": ck["mean"], "std": ck["std"]})
-    data = build_data(data_cfg, train_cfg.augmentation, batch_size=cfg.batch_size,
-                      device=device, seed=train_cfg.trainer.seed, eval_batch_size=cfg.batch_size,
-                      train_for_eval=cfg.split == "train")
+    # The checkpoint's mean/std are what the model saw (pretrained runs use the weights' own);
+    # its class list, compared below, says more than dataset.num_classes would.
+    data_cfg = OmegaConf.merge(train_cfg.dataset,
+                               {"mean": ck["mean"], "std": ck["std"], "num_classes": None})
+    try:
+        data = build_data(data_cfg, train_cfg.augmentation, batch_size=cfg.batch_size,
+                          device=device, seed=train_cfg.trainer.seed,
+                          eval_batch_size=cfg.batch_size, train_for_eval=cfg.split == "train")
+    except CnnBenchError as e:
+        # The dataset is the checkpoint's; what evaluate.py lets a user change is its root.
+        raise CnnBenchError(str(e).replace("dataset.root", "dataset_root")) from None
     if list(data.classes) != list(ck["classes"]):
-        raise CnnBenchError(f"the dataset's classes ({len(data.classes)}) do not match the "
-                            f"checkpoint's ({len(ck['classes'])}): check dataset_root")
+        raise CnnBenchError(class_mismatch(list(data.classes), list(ck["classes"])))
     loader = getattr(data, cfg.split, None)
     if loader is None:
-        raise CnnBenchError(f"the dataset has no '{cfg.split}' split: use split=val or split=test")
+        have = [s for s in ("test", "val", "train") if getattr(data, s, None) is not None]
+        raise CnnBenchError(f"the dataset has no '{cfg.split}' split: use "
+                            + " or ".join(f"split={s}" for s in have))
     # The architecture as training resolved it (a pretrained run has the ImageNet stem even at
     # 32 px), without loading any weight file: the checkpoint's state dict comes next.
     model = build_model(trained_model_config(train_cfg.model, ck["resolution"]),
@@ -115,16 +150,17 @@ def run(cfg: DictConfig) -> dict:
                "per_class_acc": per_class, "classes": list(data.classes),
                "confusion_matrix": confusion.tolist()}
 
-    run_dir = ckpt_path.resolve().parent.parent
+    # A run's checkpoint sits in <run>/checkpoints/; one copied elsewhere is its own "run".
+    parent = ckpt_path.resolve().parent
+    in_run = parent.name == "checkpoints"
+    run_dir = parent.parent if in_run else parent
     out = Path(cfg.output_dir) if cfg.get("output_dir") else run_dir / "eval" / cfg.split
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "evaluation.json", results)
     plot_confusion(data.classes, confusion, out / "confusion_matrix.png",
                    f"{train_cfg.model.name} on {train_cfg.dataset.name} {cfg.split}: acc {m['acc']:.4f}")
-    with SummaryWriter(str(run_dir / "tb")) as tb:
-        step = ck["state"]["global_step"]
-        tb.add_scalar(f"eval/{cfg.split}/acc", m["acc"], step)
-        tb.add_scalar(f"eval/{cfg.split}/loss", m["loss"], step)
+    if in_run:  # next to the run's training curves
+        _log_to_tensorboard(run_dir / "tb", cfg.split, m, ck["state"]["global_step"])
     print(format_table(list(data.classes), confusion))
     print(f"{cfg.split}: loss {m['loss']:.4f}  acc {m['acc']:.4f}  ({m['images']} images)")
     print(f"wrote {out / 'evaluation.json'} and {out / 'confusion_matrix.png'}")

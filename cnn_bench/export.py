@@ -1,4 +1,4 @@
-"""``python -m cnn_bench.export ckpt=PATH [format=safetensors|pt] [out=FILE|DIR] [use_ema=false]``
+"""``python -m cnn_bench.export ckpt=PATH [format=safetensors|pt] [out=FILE|DIR/] [use_ema=false]``
 
 Writes a checkpoint's model weights alone (no optimizer or RNG state), for sharing: the weights
 ``evaluate.py`` scores, i.e. the EMA weights of runs with ``trainer.ema_decay`` unless
@@ -8,6 +8,7 @@ Writes a checkpoint's model weights alone (no optimizer or RNG state), for shari
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from omegaconf import OmegaConf
 
 from cnn_bench.checkpoint import atomic_save, atomic_write, load_checkpoint, model_weights
 from cnn_bench.cli import fail
-from cnn_bench.errors import CnnBenchError
+from cnn_bench.errors import CnnBenchError, did_you_mean
 
 FORMATS = {"safetensors": ".safetensors", "pt": ".pt"}
 
@@ -28,9 +29,16 @@ def export(ckpt: str | Path, fmt: str = "safetensors", out: str | Path | None = 
         raise CnnBenchError(f"format must be one of {', '.join(FORMATS)}; got '{fmt}'")
     ck = load_checkpoint(ckpt)
     name = Path(ckpt).stem + "_weights" + FORMATS[fmt]
-    out = Path(out) if out else Path(ckpt).with_name(name)
-    if out.is_dir():  # out=<a folder>: the default file name, in it
-        out = out / name
+    if not out:
+        out = Path(ckpt).with_name(name)
+    elif Path(out).is_dir() or str(out).endswith(("/", os.sep)):
+        out = Path(out) / name  # out=<a folder>: the default file name, in it
+    else:
+        out = Path(out)
+        other = {v: k for k, v in FORMATS.items() if k != fmt}.get(out.suffix)
+        if other:  # model.weights= reads a file by its suffix
+            raise CnnBenchError(f"out={out} names a {other} file but format={fmt}: use "
+                                f"format={other}, or an out= ending in {FORMATS[fmt]}")
     weights, which = model_weights(ck, use_ema)
     # safetensors refuses views into shared storage; contiguous copies are what a reader wants.
     state = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
@@ -46,13 +54,29 @@ def export(ckpt: str | Path, fmt: str = "safetensors", out: str | Path | None = 
     return out
 
 
+KEYS = ("ckpt", "format", "out", "use_ema")
+
+
 def main(argv: list[str]) -> None:
-    args = OmegaConf.from_dotlist([a for a in argv if "=" in a])
+    bad = [a for a in argv if "=" not in a]
+    if bad:
+        fail(f"'{bad[0]}' is not KEY=VALUE; usage: python -m cnn_bench.export ckpt=PATH "
+             "[format=safetensors|pt] [out=FILE|DIR/] [use_ema=true|false]")
+    try:
+        args = OmegaConf.from_dotlist(argv)
+    except Exception as e:  # noqa: BLE001 - a grammar error in a value
+        fail(f"cannot parse the arguments: {str(e).splitlines()[0]}")
+    unknown = [k for k in args if k not in KEYS]
+    if unknown:
+        fail(f"unknown key '{unknown[0]}': {did_you_mean(str(unknown[0]), KEYS)}")
     if not args.get("ckpt"):
         fail("ckpt=PATH is required, e.g. ckpt=outputs/<run>/checkpoints/best.pt format=safetensors")
+    use_ema = args.get("use_ema", True)
+    if not isinstance(use_ema, bool):
+        fail(f"use_ema must be true or false; got '{use_ema}'")
     try:
         path = export(args.ckpt, args.get("format", "safetensors"), args.get("out"),
-                      use_ema=args.get("use_ema", True))
+                      use_ema=use_ema)
     except CnnBenchError as e:
         fail(str(e))
     except OSError as e:  # out= unwritable, a missing parent we may not create, a full disk

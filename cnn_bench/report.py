@@ -15,7 +15,6 @@ import csv
 import sys
 from pathlib import Path
 
-from cnn_bench.sweep.plots import FIGURES, save
 from cnn_bench.sweep.results import JobRow, collect, counts, find_jobs, pareto_front
 from cnn_bench.sweep.status import DONE
 
@@ -52,14 +51,15 @@ def markdown_table(rows: list[JobRow]) -> str:
     """The results table in Markdown, accuracies in %, params in millions, FLOPs in GFLOPs; the
     last column names the job, so jobs that differ in other settings (a seed) stay apart."""
     head = ["model", "width", "res (px)", "params (M)", "GFLOPs", "best val acc (%)",
-            "best val loss", "final val acc (%)", "final val loss", "train acc (%)", "epochs",
+            "best val loss", "final val acc (%)", "final val loss", "train acc (%)",
+            "test acc (%)", "epochs",
             "wall time (s)", "train img/s", "status", "job"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in _sorted(rows):
         cells = [r.model or "", _num(r.width, "g"), _num(r.resolution, "d"),
                  _num(r.params, ".3f", 1e6), _num(r.flops, ".4f", 1e9), _pct(r.best_val_acc),
                  _num(r.best_val_loss, ".4f"), _pct(r.final_val_acc), _num(r.final_val_loss, ".4f"),
-                 _pct(r.final_train_acc), _epochs(r), _num(r.wall_time_s, ".1f"),
+                 _pct(r.final_train_acc), _pct(r.test_acc), _epochs(r), _num(r.wall_time_s, ".1f"),
                  _num(r.images_per_s, ".0f"), r.status, f"`{r.job}`"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -80,8 +80,10 @@ def write_markdown(rows: list[JobRow], path: Path, figures: list[str]) -> None:
     front = pareto_front([r for r in rows if r.status == DONE])
     if front:
         parts += ["## Pareto front (accuracy vs FLOPs)", ""]
-        parts += [f"- {r.model} x{r.width:g} @ {r.resolution} px: {_pct(r.best_val_acc)}% at "
-                  f"{_num(r.flops, '.4f', 1e9)} GFLOPs" for r in front] + [""]
+        # named by their job too: jobs may differ in settings other than these (a seed, an lr)
+        parts += [f"- {r.model}{'' if r.width is None else f' x{r.width:g}'} @ {r.resolution} px: "
+                  f"{_pct(r.best_val_acc)}% at {_num(r.flops, '.4f', 1e9)} GFLOPs (`{r.job}`)"
+                  for r in front] + [""]
     parts += ["## Results", "", markdown_table(rows), ""]
     parts += ["## Figures", ""] + [f"![{name}]({name})" for name in figures] + [""]
     path.write_text("\n".join(parts))
@@ -107,6 +109,11 @@ def write_report(sweep_dir: str | Path, tensorboard: bool = True) -> list[JobRow
     sweep_dir = Path(sweep_dir)
     rows = collect(sweep_dir)
     write_csv(rows, sweep_dir / CSV_NAME)
+    try:
+        from cnn_bench.sweep.plots import FIGURES, save
+    except ImportError as e:  # a partial install: the tables matter more than the figures
+        print(f"warning: no figures ({e}); pip install matplotlib", file=sys.stderr)
+        FIGURES, save = {}, None
     figures = {name: make(rows) for name, make in FIGURES.items()}
     for name, fig in figures.items():
         save(fig, sweep_dir / name)

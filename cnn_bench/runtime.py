@@ -37,16 +37,17 @@ class Runtime:
         return torch.channels_last if self.channels_last else torch.contiguous_format
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu; a cuda request without CUDA is a user error."""
+def resolve_device(name: str, key: str = "trainer.device") -> torch.device:
+    """``auto`` -> cuda when available, else cpu; a cuda request without CUDA is a user error
+    (``key`` is the setting's name in the messages: ``device`` for evaluate.py)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise CnnBenchError(f"trainer.device must be auto, cpu, cuda or cuda:N; got '{name}'") from None
+        raise CnnBenchError(f"{key} must be auto, cpu, cuda or cuda:N; got '{name}'") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise CnnBenchError("trainer.device=cuda but no CUDA device is available; use trainer.device=cpu")
+        raise CnnBenchError(f"{key}={name} but no CUDA device is available; use {key}=cpu")
     return device
 
 

@@ -246,7 +246,8 @@ def run(cfg: DictConfig) -> dict:
     eval_model = (StepModel(ema.module, tr.compile, tr.get("compile_mode", "default"))
                   if ema is not None else step_model)
     val_loader = data.val if data.val is not None else data.test
-    val_name = "val" if data.val is not None else "test"
+    val_name = ("val" if data.val is not None else "test" if data.test is not None
+                else "no eval split")
     compile_s = 0.0  # this attempt's warm-up (compiled code is not in checkpoints: every attempt)
     if tr.compile and state.epoch < tr.epochs and not state.stop_reason:
         data.train.set_epoch(state.epoch)  # warm up on the batch the next epoch starts with

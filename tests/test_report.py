@@ -81,6 +81,38 @@ def test_report_on_a_partly_failed_running_sweep(tmp_path):
     assert "| done | `model=mobilenet_v2,res=96` |" in md  # rows name their job
     for plot in PLOTS:
         assert (sweep / plot).stat().st_size > 5000 and f"]({plot})" in md
+    # The Pareto entries name their job too (jobs may differ in an lr or a seed), and the table
+    # has the test accuracy the CSV has.
+    assert "- mobilenet_v2 x1 @ 96 px: 70.00% at 0.1000 GFLOPs (`model=mobilenet_v2,res=96`)" in md
+    assert "| test acc (%) |" in md
+
+
+def test_report_without_matplotlib_still_writes_the_tables(tmp_path, monkeypatch, capsys):
+    # report.py imported the plots (matplotlib) at module level: without it the sweep callback
+    # died before any table was written.
+    import importlib
+
+    monkeypatch.setitem(sys.modules, "cnn_bench.sweep.plots", None)
+    monkeypatch.delitem(sys.modules, "cnn_bench.report", raising=False)
+    report = importlib.import_module("cnn_bench.report")
+    sweep = tmp_path / "sweep"
+    fake_job(sweep / "model=mobilenet_v2,res=96", DONE)
+    assert report.main([str(sweep), "--no-tensorboard"]) == 0
+    assert (sweep / "results.csv").is_file() and (sweep / "results.md").is_file()
+    assert not list(sweep.glob("*.png")) and "warning: no figures" in capsys.readouterr().err
+
+
+def test_heatmap_of_equal_accuracies_writes_light_on_dark():
+    # One job (or all equal): the cells take the colour scale's dark end, and their labels were
+    # black on it.
+    from types import SimpleNamespace
+
+    from cnn_bench.sweep.plots import width_resolution_heatmap
+
+    rows = [SimpleNamespace(model="m", width=w, resolution=96, best_val_acc=0.5, status=DONE)
+            for w in (1.0, 0.5)]
+    fig = width_resolution_heatmap(rows)
+    assert [t.get_color() for t in fig.axes[0].texts] == ["white", "white"]
 
 
 def test_pareto_front_keeps_exact_ties():

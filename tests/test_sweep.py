@@ -311,6 +311,85 @@ def test_a_sweep_with_other_fixed_settings_into_an_earlier_sweep_dir_is_refused(
                          "model.width_mult=1.0,0.5"])  # a new folder: nothing to compare
 
 
+@pytest.mark.parametrize("spelling", ["'{d}'", '"{d}"', "{parent}/${{model.name}}"])
+def test_the_earlier_sweep_check_reads_the_dir_as_hydra_does(tmp_path, capsys, spelling):
+    # A quoted dir, or one with an interpolation, named no folder as typed: the check passed and
+    # the sweep took the earlier one's 1-epoch jobs as its own.
+    sweep = tmp_path / "speednet_s"
+    sweep.mkdir()
+    earlier = ["model=speednet_s", "trainer.epochs=1", "model.width_mult=1.0,0.5"]
+    (sweep / "multirun.yaml").write_text(OmegaConf.to_yaml({"hydra": {"overrides": {"task": earlier}}}))
+    value = spelling.format(d=sweep, parent=tmp_path)
+    with pytest.raises(SystemExit):
+        cli.check_sweep_dir(["-m", f"hydra.sweep.dir={value}", "model=speednet_s",
+                             "trainer.epochs=2", "model.width_mult=1.0,0.5"])
+    assert "(trainer.epochs: 1 -> 2)" in capsys.readouterr().err
+
+
+def test_jobs_under_a_swept_path_with_output_folder_names_are_found(tmp_path):
+    # model.weights=/runs/a/checkpoints/best.pt nests the job under .../checkpoints/best.pt; the
+    # walk skipped folders named checkpoints/tb/eval on the way down: "0 jobs", exit 0.
+    from cnn_bench.sweep.results import find_jobs
+
+    jobs = [tmp_path / "model.weights=" / "runs" / run / "checkpoints" / "best.pt" for run in "ab"]
+    for job in jobs:
+        (job / "checkpoints").mkdir(parents=True)
+        (job / "status.json").write_text(json.dumps({"status": DONE}))
+        (job / "checkpoints" / "status.json").write_text("{}")  # inside a job: not a job
+    assert find_jobs(tmp_path) == jobs
+
+
+def test_a_sweep_whose_job_names_pass_the_file_name_limit_is_refused():
+    # Hydra stopped at the first job with two chained "File name too long" tracebacks and no
+    # report; the names are known before anything runs.
+    from cnn_bench.sweep.callback import check_sweep
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        from hydra import compose
+
+        cfg = compose("config", [], return_hydra_config=True)
+    keys = ["optimizer.lr", "optimizer.momentum", "optimizer.weight_decay", "trainer.seed",
+            "trainer.batch_size", "trainer.eval_batch_size", "augmentation.label_smoothing",
+            "augmentation.crop_padding", "model.width_mult", "dataset.resolution",
+            "trainer.ema_decay", "trainer.epochs", "scheduler.warmup_epochs"]
+    cfg.hydra.overrides.task = [f"{k}=0.000001,0.000002" for k in keys]
+    assert len(",".join(f"{k}=0.000001" for k in keys)) > 255
+    problem = check_sweep(cfg)
+    assert problem and problem.startswith("job directories would be named by") \
+        and "hydra.sweep.subdir=${hydra.job.num}" in problem
+    cfg.hydra.overrides.task = [f"{k}=0.1,0.2" for k in keys[:4]]
+    assert check_sweep(cfg) is None
+    cfg.hydra.overrides.task = [f"{k}=0.000001,0.000002" for k in keys]
+    cfg.hydra.sweep.subdir = "${hydra.job.num}"
+    assert check_sweep(cfg) is None
+
+
+def test_a_glob_sweep_is_checked_by_the_names_it_matches(capsys):
+    # glob() stopped the check with "error: ConfigLoader is not set".
+    cli.check_command_line(["-m", "model=glob(speednet*)", "trainer.epochs=1"])
+    with pytest.raises(SystemExit):
+        cli.check_command_line(["-m", "model=glob(zzz*)"])
+    assert capsys.readouterr().err.startswith("error: model=glob(zzz*) matches no model config")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["-m", "hydra.launcher.n_jobs=2", "trainer.seed=1,2"],
+     "hydra.launcher.n_jobs is an option of the parallel launcher: add hydra/launcher=local_gpus"),
+    (["-m", "hydra/launcher=local_gpus", "hydra.launcher.gpus=0", "trainer.seed=1,2"],
+     "hydra.launcher.gpus takes a list of GPU ids: hydra.launcher.gpus=[0]"),
+])
+def test_launcher_options_without_their_launcher_or_shape_are_one_line(argv, message, capsys):
+    # Hydra answered with five lines: "Invalid value assigned: int is not a ListConfig", and
+    # "To append to your config use +hydra.launcher.n_jobs=2".
+    with pytest.raises(SystemExit) as e:
+        cli.check_command_line(argv)
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == f"error: {message}"
+    cli.check_command_line(["-m", "hydra/launcher=local_gpus", "hydra.launcher.gpus=[0,2]",
+                            "hydra.launcher.n_jobs=2", "trainer.seed=1,2"])
+
+
 # ---------------------------------------------------------------- the local_gpus launcher
 
 @cli.user_errors

@@ -114,7 +114,7 @@ def cifar10_mini(cfg: dict) -> SplitSet:
     path = resolve(cfg["root"]) if cfg.get("root") else ASSET
     if path.is_dir():
         raise CnnBenchError(f"dataset.root {path} is a folder: dataset={cfg['name']} reads a tar "
-                            "archive; for a folder of images use dataset=imagefolder")
+                            "archive (a folder of images trains with dataset=imagefolder)")
     if not path.is_file():
         raise CnnBenchError(f"dataset archive {path} does not exist")
     st = path.stat()

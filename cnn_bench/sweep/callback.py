@@ -50,16 +50,46 @@ def check_sweep(config: DictConfig) -> str | None:
         overrides = OverridesParser.create().parse_overrides(_sweep_overrides(config))
     except Exception:  # noqa: BLE001  (Hydra reports unparsable overrides itself)
         return None
+    from hydra.core.override_parser.types import Glob
+
+    longest_items = []
     for ov in overrides:
         key = ov.key_or_group
         if key in excluded and ov.is_sweep_override():
             return (f"{key} takes several values, but it is left out of job directory names "
                     f"(hydra.job.config.override_dirname.exclude_keys), so jobs would collide; "
                     f"run one sweep per {key} (each with its own hydra.sweep.dir)")
-        if key not in excluded and not key.startswith("hydra") and os.sep in ov.input_line.split("=", 1)[-1]:
-            log.warning("%s has a path-like value: job directories will nest; add it to "
-                        "hydra.job.config.override_dirname.exclude_keys", key)
-    return None
+        if key in excluded or key.startswith("hydra") or isinstance(ov.value(), Glob):
+            continue  # a glob's values are config names: short
+        if os.sep in ov.input_line.split("=", 1)[-1]:
+            log.info("%s has a path-like value: its jobs' directories nest along the path", key)
+        try:
+            values = (list(ov.sweep_string_iterator()) if ov.is_sweep_override()
+                      else [ov.input_line.split("=", 1)[-1]])
+        except Exception:  # noqa: BLE001  (interval() and the like: a sweeper plugin's business)
+            continue
+        longest_items.append(max((f"{ov.get_key_element()}={v}" for v in values), key=len))
+    return _name_too_long(config, longest_items)
+
+
+NAME_MAX = 255  # bytes in one file name (ext4, xfs, APFS, NTFS)
+
+
+def _name_too_long(config: DictConfig, items: list[str]) -> str | None:
+    """Jobs named by their settings (``hydra.sweep.subdir: ${hydra.job.override_dirname}``)
+    must fit the file-name limit: Hydra otherwise stops mid-sweep with an OSError traceback.
+    ``items`` holds each key's longest ``key=value``: the longest job name."""
+    subdir = OmegaConf.to_container(config.hydra.sweep, resolve=False).get("subdir")
+    if "override_dirname" not in str(subdir):
+        return None
+    item_sep = OmegaConf.select(config, "hydra.job.config.override_dirname.item_sep") or ","
+    parts = item_sep.join(sorted(items)).split("/")
+    longest = max(parts, key=lambda c: len(c.encode()))
+    if len(longest.encode()) <= NAME_MAX:
+        return None
+    return (f"job directories would be named by {len(longest.encode())} bytes of settings "
+            f"('{longest[:60]}...'; a file name holds {NAME_MAX}): sweep fewer keys at once, or "
+            "name jobs by number with hydra.sweep.subdir=${hydra.job.num}")
 
 
 def finish_sweep(sweep_dir: str | Path) -> int:

@@ -145,12 +145,14 @@ def width_resolution_heatmap(rows: list[JobRow]) -> Figure:
     """Per model, a width x resolution grid of best val accuracy (%) on one shared colour scale
     (jobs in the same cell averaged: see :func:`heatmap_cells`)."""
     models = sorted({r.model for r in rows if r.model})
-    fig = Figure(figsize=(max(4.5, 4.2 * len(models)), 4), dpi=_DPI)
+    # constrained layout keeps the axis labels and the shared colour bar inside the figure
+    fig = Figure(figsize=(max(4.5, 4.2 * len(models)), 4), dpi=_DPI, layout="constrained")
     if not models:
         _empty(fig.add_subplot(), "no jobs yet")
         return fig
     accs = [100 * r.best_val_acc for r in rows if r.best_val_acc is not None]
     vmin, vmax = (min(accs), max(accs)) if accs else (0.0, 100.0)
+    vmax = vmax if vmax > vmin else vmin + 1  # one value (or all equal): the scale's dark end
     axes = fig.subplots(1, len(models), squeeze=False)[0]
     image = None
     for ax, model in zip(axes, models):
@@ -158,8 +160,7 @@ def width_resolution_heatmap(rows: list[JobRow]) -> Figure:
         widths = sorted({r.width for r in mine}, reverse=True)
         ress = sorted({r.resolution for r in mine if r.resolution is not None})
         grid, notes = heatmap_cells(mine, widths, ress)
-        image = ax.imshow(grid, cmap="viridis", vmin=vmin, vmax=vmax if vmax > vmin else vmin + 1,
-                          aspect="auto")
+        image = ax.imshow(grid, cmap="viridis", vmin=vmin, vmax=vmax, aspect="auto")
         for i in range(len(widths)):
             for j in range(len(ress)):
                 v = grid[i][j]

@@ -18,8 +18,10 @@ from omegaconf import OmegaConf
 
 from cnn_bench.sweep.status import DONE, FAILED, INTERRUPTED, RUNNING, read_status
 
-# Directories inside a job that never hold another job.
-_NOT_JOBS = {"tb", "checkpoints", "eval", ".hydra", ".submitit", "__pycache__"}
+# Directories that never hold a job. A job's own outputs (tb/, checkpoints/, eval/) are not
+# walked anyway; on the way down to a job those names can be folders of a swept path value
+# (model.weights=/runs/a/checkpoints/best.pt nests the job under .../checkpoints/best.pt).
+_NOT_JOBS = {".hydra", ".submitit", "__pycache__"}
 
 
 @dataclass
