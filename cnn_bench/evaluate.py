@@ -145,7 +145,7 @@ def run(cfg: DictConfig) -> dict:
     per_class = {c: (float(confusion[i, i]) / float(confusion[i].sum()) if confusion[i].sum() else None)
                  for i, c in enumerate(data.classes)}
     results = {"ckpt": str(ckpt_path), "split": cfg.split, "epoch": ck["state"]["epoch"],
-               "weights": which, "tta": tta,
+               "weights": which, "tta": tta, "precision": precision, "device": device.type,
                "images": m["images"], "loss": m["loss"], "acc": m["acc"],
                "per_class_acc": per_class, "classes": list(data.classes),
                "confusion_matrix": confusion.tolist()}

@@ -95,8 +95,9 @@ def test_a_checkpoint_outside_a_run_keeps_its_results_beside_it(run_dir, tmp_pat
     mine.parent.mkdir()
     shutil.copy(run_dir / "checkpoints" / "best.pt", mine)
     res = _evaluate(f"ckpt={mine}")
-    assert json.loads((mine.parent / "eval" / "test" / "evaluation.json").read_text())["acc"] \
-        == res["acc"]
+    written = json.loads((mine.parent / "eval" / "test" / "evaluation.json").read_text())
+    assert written["acc"] == res["acc"]
+    assert written["precision"] == "fp32" and written["device"] == "cpu"  # how it was scored
     assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]
     assert not (mine.parent / "tb").exists()
 
