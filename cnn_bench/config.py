@@ -8,6 +8,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from cnn_bench.early_stopping import MONITORS as EARLY_STOPPING_MONITORS
+from cnn_bench.early_stopping import mode as early_stopping_mode
 from cnn_bench.errors import CnnBenchError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -88,7 +89,7 @@ _SCHEMA: dict[str, tuple[tuple[str, ...], tuple | None, float | None]] = {
     "scheduler.div_factor": ((_FLOAT,), None, None),        # > 0, checked below
     "scheduler.final_div_factor": ((_FLOAT,), None, None),  # > 0, checked below
     "trainer.early_stopping.monitor": ((_STR,), EARLY_STOPPING_MONITORS, None),
-    "trainer.early_stopping.mode": ((_STR,), ("max", "min"), None),
+    "trainer.early_stopping.mode": ((_STR,), ("auto", "max", "min"), None),
     "trainer.early_stopping.patience": ((_INT, _NONE), None, 1),
     "trainer.early_stopping.min_delta": ((_FLOAT,), None, 0),
     "finetune.mode": ((_STR,), ("full", "head", "partial"), None),
@@ -100,7 +101,8 @@ _SCHEMA: dict[str, tuple[tuple[str, ...], tuple | None, float | None]] = {
     "use_ema": ((_BOOL,), None, None),
 }
 # Values that must be strictly positive (``minimum`` above is inclusive).
-_POSITIVE = ("scheduler.step_epochs", "scheduler.div_factor", "scheduler.final_div_factor")
+_POSITIVE = ("scheduler.step_epochs", "scheduler.div_factor", "scheduler.final_div_factor",
+             "trainer.grad_clip")  # a clip of 0 would read as off (null is off)
 # Probabilities: at most 1.
 _AT_MOST_ONE = ("augmentation.hflip", "augmentation.label_smoothing", "model.dropout")
 # key -> (an example value, null allowed, each number in [0, 1)): lists of so many numbers
@@ -167,6 +169,12 @@ def validate(cfg: DictConfig) -> None:
     ema_decay = OmegaConf.select(cfg, "trainer.ema_decay", default=None)
     if ema_decay is not None and not ema_decay < 1:  # 1 would never move from the initial weights
         raise CnnBenchError(f"trainer.ema_decay must be in [0, 1) (or null = off), got {ema_decay}")
+    es = OmegaConf.select(cfg, "trainer.early_stopping", default=None)
+    if es is not None and es.get("mode", "auto") != "auto" \
+            and es.get("mode") != early_stopping_mode(es.get("monitor", "val/acc"), "auto"):
+        raise CnnBenchError(
+            f"trainer.early_stopping.mode={es.mode} with monitor={es.monitor} would stop as it "
+            f"improves: use mode={early_stopping_mode(es.monitor, 'auto')} or auto")
     la_decay = OmegaConf.select(cfg, "trainer.lookahead_decay", default=0.0)
     if not la_decay < 1:  # 1 would freeze the slow weights at the end of the run
         raise CnnBenchError(f"trainer.lookahead_decay must be in [0, 1), got {la_decay}")

@@ -8,6 +8,13 @@ import math
 MONITORS = ("val/acc", "val/loss", "train/acc", "train/loss")
 
 
+def mode(monitor: str, setting: str) -> str:
+    """``max`` or ``min`` for ``monitor``; ``auto``: a loss falls, an accuracy rises."""
+    if setting != "auto":
+        return setting
+    return "min" if monitor.endswith("loss") else "max"
+
+
 def improved(value: float, best: float | None, mode: str, min_delta: float) -> bool:
     """Whether ``value`` beats ``best`` by more than ``min_delta``; NaN never improves."""
     if value is None or not math.isfinite(value):
@@ -22,7 +29,7 @@ def check(cfg, record: dict, state) -> str | None:
     if cfg is None or cfg.get("patience") is None:
         return None
     value = record.get(cfg.monitor)
-    if improved(value, state.es_best, cfg.mode, cfg.min_delta):
+    if improved(value, state.es_best, mode(cfg.monitor, cfg.get("mode", "auto")), cfg.min_delta):
         state.es_best, state.es_wait = value, 0
         return None
     state.es_wait += 1

@@ -152,3 +152,17 @@ def build_scheduler(cfg, optimizer: torch.optim.Optimizer, steps_per_epoch: int,
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(cfg, step, total, steps_per_epoch)
     )
+
+
+def load_scheduler_state(scheduler: torch.optim.lr_scheduler.LambdaLR, state_dict: dict) -> None:
+    """``scheduler.load_state_dict``, then the rebuilt schedule's lr at the step reached.
+
+    The optimizer's saved lr is the old schedule's next one; ``LambdaLR`` applies its (rebuilt)
+    lambda only at the next ``step()``. After a resume with more ``trainer.epochs`` the first
+    step would train at the old schedule's end (0 for cosine): set it from the new one now.
+    """
+    scheduler.load_state_dict(state_dict)
+    groups = scheduler.optimizer.param_groups
+    for g, base, lam in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        g["lr"] = base * lam(scheduler.last_epoch)
+    scheduler._last_lr = [g["lr"] for g in groups]

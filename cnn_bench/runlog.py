@@ -55,16 +55,29 @@ class RunLog:
         if start_epoch == 0:
             self.metrics_path.write_text("")
         elif self.metrics_path.exists():
-            self._truncate_metrics(start_epoch)
+            # The checkpoint's history is the record of the epochs kept: the file may hold later
+            # epochs of a crashed attempt, or a line torn by a kill while it was written.
+            if history:
+                self.metrics_path.write_text("".join(
+                    _jsonl(r) for r in history if r.get("epoch", 0) <= start_epoch))
+            else:
+                self._truncate_metrics(start_epoch)
         else:
             self.metrics_path.write_text("")
             for record in history or []:
                 self.epoch(record["step"], record)
 
     def _truncate_metrics(self, keep_epochs: int) -> None:
-        lines = [ln for ln in self.metrics_path.read_text().splitlines() if ln.strip()]
-        kept = [ln for ln in lines if json.loads(ln).get("epoch", 0) <= keep_epochs]
-        self.metrics_path.write_text("".join(ln + "\n" for ln in kept))
+        """Keep the records of the first ``keep_epochs`` epochs (a checkpoint without history)."""
+        kept = []
+        for ln in self.metrics_path.read_text().splitlines():
+            try:
+                record = json.loads(ln)
+            except ValueError:
+                continue  # torn (or blank): the epoch it was for is redone
+            if record.get("epoch", 0) <= keep_epochs:
+                kept.append(ln + "\n")
+        self.metrics_path.write_text("".join(kept))
 
     def steps(self, first_step: int, losses: list[float], lrs: list[float]) -> None:
         for i, (loss, lr) in enumerate(zip(losses, lrs)):
@@ -77,7 +90,7 @@ class RunLog:
             if isinstance(v, (int, float)) and k != "epoch" and v is not None:
                 self.tb.add_scalar(k, v, step)
         with self.metrics_path.open("a") as f:
-            f.write(json.dumps({k: _finite_or_none(v) for k, v in record.items()}) + "\n")
+            f.write(_jsonl(record))
         self.tb.flush()
 
     def hparams(self, hparams: dict, metrics: dict) -> None:
@@ -88,3 +101,8 @@ class RunLog:
 
     def close(self) -> None:
         self.tb.close()
+
+
+def _jsonl(record: dict) -> str:
+    """One metrics.jsonl line (non-finite numbers as null: JSON has no NaN)."""
+    return json.dumps({k: _finite_or_none(v) for k, v in record.items()}) + "\n"

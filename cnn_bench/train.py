@@ -30,7 +30,8 @@ from cnn_bench.loop import (StepModel, TrainState, compile_warmup, evaluate, fir
 from cnn_bench.models.build import build_model
 from cnn_bench.models.pretrained import pretrained_normalization
 from cnn_bench.models.profile import count_flops, count_params
-from cnn_bench.optim import build_optimizer, build_scheduler, load_optimizer_state
+from cnn_bench.optim import (build_optimizer, build_scheduler, load_optimizer_state,
+                             load_scheduler_state)
 from cnn_bench.runlog import RunLog, write_json
 from cnn_bench.runtime import resolve_runtime, rng_state, seed_everything, set_rng_state
 
@@ -200,7 +201,7 @@ def run(cfg: DictConfig) -> dict:
             try:
                 model.load_state_dict(ck["model"])
                 load_optimizer_state(optimizer, ck["optimizer"])
-                scheduler.load_state_dict(ck["scheduler"])
+                load_scheduler_state(scheduler, ck["scheduler"])
             except (RuntimeError, ValueError, KeyError) as e:
                 changed = settings_changed(ck, cfg) or [str(e).strip().splitlines()[0][:160]]
         if changed:
@@ -236,6 +237,7 @@ def run(cfg: DictConfig) -> dict:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
             atomic_link(resume.parent / "best.pt", ckpt_dir / "best.pt")
         log.info("resumed from %s at epoch %d", resume, state.epoch)
+        _recheck_early_stop(state, tr.get("early_stopping"))
 
     # A resumed run's wall time continues from its earlier attempts' (downtime not counted).
     wall_before = state.wall_time_s
@@ -297,13 +299,23 @@ def run(cfg: DictConfig) -> dict:
         log.info("epoch %d/%d  train loss %.4f acc %.4f | %s loss %.4f acc %.4f | %.1fs, %.0f img/s",
                  state.epoch, tr.epochs, train_m["loss"], train_m["acc"], val_name, val_m["loss"],
                  val_m["acc"], train_m["seconds"], record["train/images_per_s"])
-        # NaN never counts as an improvement (comparisons with NaN are False). With nothing to
-        # validate on, the latest weights are the best we know (Lightning's monitor=None).
-        is_best = (val_loader is None or val_m["acc"] > state.best_metric
-                   or state.best_epoch == 0)
+        diverged = _diverged(model)
+        # NaN never counts as an improvement (comparisons with NaN are False), and weights
+        # gone non-finite never become the best (their argmax "accuracy" is one class's share).
+        # With nothing to validate on, the latest weights are the best we know (Lightning's
+        # monitor=None).
+        is_best = not diverged and (val_loader is None or val_m["acc"] > state.best_metric
+                                    or state.best_epoch == 0)
         if is_best:
             state.best_metric, state.best_epoch = val_m["acc"], state.epoch
-        state.stop_reason = early_stopping.check(tr.get("early_stopping"), record, state)
+        stop = early_stopping.check(tr.get("early_stopping"), record, state)
+        # A stop on the last scheduled epoch is the end of the run, not an early stop.
+        state.stop_reason = stop if state.epoch < tr.epochs else None
+        if diverged:
+            state.stop_reason = (
+                f"training diverged at epoch {state.epoch} (train loss {train_m['loss']}, "
+                f"non-finite weights): lower optimizer.lr (now {cfg.optimizer.lr}) or set "
+                f"trainer.grad_clip")
         if tr.save_last:
             checkpoint(ckpt_dir / "last.pt")
             if is_best:  # same content: link instead of serialising it twice
@@ -311,7 +323,7 @@ def run(cfg: DictConfig) -> dict:
         elif is_best:
             checkpoint(ckpt_dir / "best.pt")
         if state.stop_reason:
-            log.info(state.stop_reason)
+            (log.error if diverged else log.info)(state.stop_reason)
             break
 
     final_val = state.history[-1]["val/acc"] if state.history else math.nan
@@ -355,4 +367,31 @@ def run(cfg: DictConfig) -> dict:
     runlog.close()
     write_json(out / "summary.json", summary)
     log.info("summary: %s", out / "summary.json")
+    if state.stop_reason and state.stop_reason.startswith("training diverged"):
+        # a failed experiment: exit non-zero (a sweep records it as the job's failure)
+        raise CnnBenchError(f"{state.stop_reason}; summary: {out / 'summary.json'}")
     return summary
+
+
+def _diverged(model: nn.Module) -> bool:
+    """Non-finite weights: nothing trains on from there. Checked once per epoch (one host sync).
+    The epoch's loss alone says less: its last steps can be finite but huge while the update
+    that followed them was not, and one overflowing fp16 step makes it inf while GradScaler
+    skips that update and the weights stay finite."""
+    params = [p.detach() for p in model.parameters()]
+    return bool(params) and not bool(torch.stack([p.isfinite().all() for p in params]).all())
+
+
+def _recheck_early_stop(state: TrainState, es_cfg) -> None:
+    """A checkpoint that stopped early resumes when the patience now allows more epochs
+    (``trainer.early_stopping.patience`` raised, or off); otherwise say why nothing trains."""
+    if not (state.stop_reason or "").startswith("early stopping"):
+        return
+    patience = None if es_cfg is None else es_cfg.get("patience")
+    if patience is None or state.es_wait < patience:
+        log.info("continuing past the earlier early stop (%s): patience now %s", state.stop_reason,
+                 patience)
+        state.stop_reason = None
+    else:
+        log.warning("nothing to train: the checkpoint stopped early (%s); raise "
+                    "trainer.early_stopping.patience to go on", state.stop_reason)

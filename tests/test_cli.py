@@ -61,7 +61,7 @@ def test_validate_accepts_the_defaults_and_int_for_float():
 
 
 @pytest.mark.parametrize("overrides, expected", [
-    (["trainer.early_stopping.mode=maximum"], "trainer.early_stopping.mode must be one of max, min"),
+    (["trainer.early_stopping.mode=maximum"], "trainer.early_stopping.mode must be one of auto, max, min"),
     (["trainer.early_stopping.monitor=val_acc"], "trainer.early_stopping.monitor must be one of val/acc"),
     (["trainer.early_stopping.patience=abc"], "trainer.early_stopping.patience must be an integer"),
     (["scheduler=onecycle", "scheduler.div_factor=0"], "scheduler.div_factor must be > 0"),

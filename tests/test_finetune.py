@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -70,6 +71,73 @@ def test_early_stopping_on_plateau(tiny_folder, tmp_path):
     assert summary["stop_reason"].startswith("early stopping at epoch 3: val/acc did not improve")
     # the best value was first reached at epoch 1 (the message named the stopping epoch)
     assert summary["stop_reason"].endswith(f"(best {summary['best_val_acc']} at epoch 1)")
+
+
+def test_early_stopping_at_the_last_epoch_is_no_stop_and_resume_rechecks_it(tiny_folder, tmp_path):
+    # A stop on the last scheduled epoch was recorded as an early stop, and a resume with more
+    # epochs (and more patience) then trained nothing, silently.
+    flat = ["optimizer.lr=0", "augmentation=none", "trainer.limit_train_batches=1"]
+    run = tmp_path / "run"
+    summary = train_mod.run(compose_config(tiny_overrides(
+        tiny_folder, run, *flat, "trainer.epochs=2", "trainer.early_stopping.patience=1")))
+    assert summary["epochs"] == 2 and summary["stop_reason"] is None
+    # the same run stopping early at epoch 2 of 4, resumed with more patience: goes on to 4
+    early = tmp_path / "early"
+    summary = train_mod.run(compose_config(tiny_overrides(
+        tiny_folder, early, *flat, "trainer.epochs=4", "trainer.early_stopping.patience=1")))
+    assert summary["epochs"] == 2 and summary["stop_reason"].startswith("early stopping at epoch 2")
+    summary = train_mod.run(compose_config(tiny_overrides(
+        tiny_folder, early, *flat, "trainer.epochs=4", "trainer.early_stopping.patience=5",
+        "trainer.resume=auto")))
+    assert summary["epochs"] == 4 and summary["stop_reason"] is None
+
+
+def test_early_stopping_on_a_loss_waits_for_it_to_fall():
+    # monitor=val/loss kept the default mode max: it stopped as the loss fell ("did not improve").
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from cnn_bench import early_stopping
+    from cnn_bench.config import validate
+    from cnn_bench.errors import CnnBenchError
+
+    cfg = compose_config(["trainer.early_stopping.monitor=val/loss",
+                          "trainer.early_stopping.patience=1"])
+    state = SimpleNamespace(es_best=None, es_wait=0, epoch=0)
+    for loss in (1.1, 1.0, 0.9):
+        state.epoch += 1
+        assert early_stopping.check(cfg.trainer.early_stopping, {"val/loss": loss}, state) is None
+    state.epoch += 1
+    assert early_stopping.check(cfg.trainer.early_stopping, {"val/loss": 0.95}, state)
+    with pytest.raises(CnnBenchError, match="mode=max with monitor=val/loss would stop as it "
+                                            "improves: use mode=min or auto"):
+        validate(OmegaConf.merge(cfg, {"trainer": {"early_stopping": {"mode": "max"}}}))
+    with pytest.raises(CnnBenchError, match="trainer.grad_clip must be > 0"):
+        validate(compose_config(["trainer.grad_clip=0"]))  # 0 read as off
+
+
+def test_a_diverged_run_stops_and_fails_keeping_its_finite_best(tiny_folder, tmp_path):
+    # lr 1e6: NaN within two epochs, yet the run finished "successfully", NaN weights could be
+    # best.pt, and a chance-level argmax "accuracy" its best score.
+    import re
+
+    from cnn_bench.errors import CnnBenchError
+
+    with pytest.raises(CnnBenchError, match=r"^training diverged at epoch \d \(train loss .*, "
+                                            r"non-finite weights\): lower optimizer.lr") as e:
+        train_mod.run(compose_config(tiny_overrides(
+            tiny_folder, tmp_path, "optimizer.lr=1e6", "scheduler=none", "trainer.epochs=4",
+            "trainer.limit_train_batches=2")))
+    at = int(re.search(r"epoch (\d)", str(e.value)).group(1))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert at < 4 and summary["epochs"] == at  # stopped there
+    assert summary["stop_reason"].startswith(f"training diverged at epoch {at}")
+    assert summary["best_epoch"] < at
+    best = tmp_path / "checkpoints" / "best.pt"
+    if best.exists():  # an earlier epoch's weights, still finite
+        assert all(torch.isfinite(v).all() for v in load_checkpoint(best)["model"].values()
+                   if v.is_floating_point())
 
 
 @pytest.mark.parametrize("value, best, mode, min_delta, expected", [

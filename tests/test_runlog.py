@@ -33,3 +33,22 @@ def test_resumed_events_follow_the_first_attempts_within_one_second(tmp_path, mo
         (4, 0.04), (8, 0.8), (12, 1.2)]
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 3
+
+
+def test_resume_after_a_torn_metrics_line(tiny_folder, tmp_path, monkeypatch):
+    # A kill while metrics.jsonl's next line was being written (it is appended before last.pt)
+    # left half a JSON record, and the resume then ended in a JSONDecodeError traceback.
+    import json
+
+    import cnn_bench.train as train_mod
+    from conftest import compose_config, interrupt_after_first_epoch, tiny_overrides
+
+    overrides = tiny_overrides(tiny_folder, tmp_path, "trainer.epochs=2",
+                               "trainer.limit_train_batches=2")
+    interrupt_after_first_epoch(monkeypatch, lambda: train_mod.run(compose_config(overrides)))
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"epoch": 2, "step": 4, "train/lo')
+    summary = train_mod.run(compose_config([*overrides, "trainer.resume=auto"]))
+    records = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2] and summary["epochs"] == 2
+    assert records[-1]["val/acc"] == summary["final_val_acc"]

@@ -132,6 +132,32 @@ def test_resume_matches_uninterrupted_run(tiny_folder, tmp_path, monkeypatch):
         assert _scalar_steps(part, tag) == _scalar_steps(full, tag), tag
 
 
+@pytest.mark.parametrize("scheduler", ["cosine", "onecycle"])
+def test_resume_with_more_epochs_follows_the_longer_schedule(tiny_folder, tmp_path, monkeypatch,
+                                                             scheduler):
+    # The first resumed step trained at the old schedule's last lr (0 for cosine): LambdaLR
+    # applies its rebuilt lambda only at the next step().
+    real = train_mod.train_one_epoch
+    starts = []
+
+    def recording(model, loader, criterion, optimizer, *args, **kwargs):
+        starts.append(optimizer.param_groups[0]["lr"])
+        return real(model, loader, criterion, optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train_one_epoch", recording)
+    base = [f"scheduler={scheduler}", "trainer.limit_train_batches=2"]
+    train_mod.run(compose_config(tiny_overrides(tiny_folder, tmp_path / "three", *base,
+                                                "trainer.epochs=3")))
+    longer = starts[:]
+    starts.clear()
+    part = tmp_path / "part"
+    train_mod.run(compose_config(tiny_overrides(tiny_folder, part, *base, "trainer.epochs=2")))
+    train_mod.run(compose_config(tiny_overrides(tiny_folder, part, *base, "trainer.epochs=3",
+                                                "trainer.resume=auto")))
+    assert len(starts) == 3 and starts[2] == pytest.approx(longer[2], rel=1e-9)
+    assert starts[2] > 0.05 * longer[0]
+
+
 def test_resume_into_other_precision_and_layout(tiny_folder, tmp_path, monkeypatch):
     # A run saved fp32 + NCHW (a CPU run: no scaler state, NCHW momentum) resumed with fp16's
     # GradScaler and channels_last, as the auto rules on a GPU without bf16 would pick: the
