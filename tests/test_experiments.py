@@ -36,7 +36,8 @@ EXPECTED = {
     "cifar10_speedrun": {"model.name": "speednet", "model.whiten": True, "model.dirac": True,
                          "model.bn_scale": False, "model.bn_momentum": 0.4,
                          "dataset.name": "cifar10", "dataset.val_fraction": 0,
-                         "dataset.resolution": 32, "augmentation.label_smoothing": 0.2,
+                         "dataset.resolution": 32, "augmentation.name": "airbench",
+                         "augmentation.label_smoothing": 0.2,
                          "augmentation.crop_padding": 2, "augmentation.padding_mode": "reflect",
                          "augmentation.hflip_alternate": True, "optimizer.lr": 1.5,
                          "optimizer.momentum": 0.85, "optimizer.norm_bias_lr_mult": 64.0,
@@ -74,6 +75,36 @@ def test_mobilenet_sweep_is_the_3x4x5_grid():
                       "dataset.resolution": ["224", "192", "160", "128", "96"]}
     for model in params["model"]:  # every swept value composes
         compose_config(["experiment=mobilenet_sweep", f"model={model}"])
+
+
+CIFAR_MEAN = [0.4914, 0.4822, 0.4465]
+
+
+@pytest.mark.parametrize("name", ["cifar10_resnet18", "cifar10_speedrun", "regnet_bifpn_cifar10"])
+def test_cifar_recipes_keep_32_px_and_cifar_statistics_on_a_folder(name):
+    # dataset=imagefolder (the JPEGs) took its own 224 px and ImageNet mean/std: ResNet-18 with
+    # the CIFAR stem at 224 px is 49x the compute.
+    cfg = compose_config([f"experiment={name}", "dataset=imagefolder", "dataset.root=/data/c"])
+    assert cfg.dataset.resolution == 32
+    assert list(cfg.dataset.mean) == pytest.approx(CIFAR_MEAN)
+
+
+def test_speedrun_with_another_augmentation_keeps_none_of_airbenchs():
+    # Its crop/flip settings sat in the experiment body and merged into any augmentation chosen:
+    # augmentation=none failed on hflip_alternate, or trained with 2 px reflect crops.
+    cfg = compose_config(["experiment=cifar10_speedrun", "augmentation=none"])
+    validate(cfg)
+    assert OmegaConf.to_container(cfg.augmentation) == OmegaConf.to_container(
+        compose_config(["augmentation=none"]).augmentation)
+
+
+def test_another_model_after_an_experiment_says_how_to_drop_its_keys(tmp_path):
+    from cnn_bench.errors import CnnBenchError
+    from cnn_bench.models.build import build_model
+
+    cfg = compose_config(["experiment=cifar10_speedrun", "model=resnet18"])
+    with pytest.raises(CnnBenchError, match=r"has no option 'whiten'.*drop it with ~model.whiten"):
+        build_model(cfg.model, 10, 32)
 
 
 @pytest.fixture(scope="module")

@@ -35,6 +35,7 @@ def get_model(name: str, /, num_classes: int = 1000, **kwargs) -> nn.Module:
         if unknown:
             valid = [k for k in params if k != "num_classes"]
             raise CnnBenchError(
-                f"model '{name}' has no option '{unknown[0]}': {did_you_mean(unknown[0], valid)}"
+                f"model '{name}' has no option '{unknown[0]}': {did_you_mean(unknown[0], valid)} "
+                f"(set by an experiment for its own model? drop it with ~model.{unknown[0]})"
             )
     return builder(num_classes=num_classes, **kwargs)
