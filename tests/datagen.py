@@ -99,3 +99,19 @@ def add_odd_mode_images(class_dir, size: tuple[int, int] = (20, 28)) -> dict[str
 def add_problem_files(class_dir, size: tuple[int, int] = (20, 28)):
     """Both of the above: ``(broken paths, {mode: path})``."""
     return add_broken_files(class_dir), add_odd_mode_images(class_dir, size)
+
+
+def direct_stats(train_dir, resolution: int) -> tuple[list[float], list[float]]:
+    """Per-channel mean/std of every train image: PIL decode, shorter side -> resolution
+    (antialiased), centre crop, [0, 1] units, float64."""
+    import torch
+    import torchvision.transforms.v2.functional as TF
+
+    imgs = []
+    for path in sorted(p for p in train_dir.rglob("*") if p.suffix in (".jpg", ".png")):
+        with Image.open(path) as im:
+            t = TF.pil_to_tensor(im.convert("RGB"))
+        t = TF.center_crop(TF.resize(t, [resolution], antialias=True), [resolution, resolution])
+        imgs.append(t.double() / 255)
+    x = torch.stack(imgs)
+    return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3), unbiased=False).tolist()

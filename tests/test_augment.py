@@ -30,6 +30,12 @@ def test_augment_configs_keep_shape_and_dtype(name):
     out = aug(_u8(), torch.Generator().manual_seed(0))
     assert out.shape == (6, 3, 16, 16) and out.dtype == torch.float32
     assert torch.isfinite(out).all()
+    # the YAML's options are the ones built (they were all dropped without a test noticing)
+    for key, value in OmegaConf.to_container(conf).items():
+        if key in ("brightness", "contrast", "saturation", "rotation", "translate", "hflip"):
+            assert getattr(aug, key) == pytest.approx(value), key
+    changed = not torch.equal(out, BatchAugment.normalize_only(MEAN, STD)(_u8()))
+    assert changed is (name != "none")
 
 
 def test_none_is_just_normalisation():
@@ -92,3 +98,55 @@ def test_jitter_and_affine_are_per_sample():
 def test_augment_rejects_unknown_option():
     with pytest.raises(CnnBenchError, match="did you mean: hflip"):
         BatchAugment.from_config({"hflipp": 0.5}, MEAN, STD, 32)
+
+
+def _mid(b=4, r=15, seed=0):
+    """Mid-range colours (no clamping at 0 or 1), odd size (a centre pixel)."""
+    return torch.randint(90, 166, (b, 3, r, r), dtype=torch.uint8,
+                         generator=torch.Generator().manual_seed(seed))
+
+
+def _unit(aug_out: torch.Tensor) -> torch.Tensor:
+    """Normalised output back to [0, 1] units."""
+    return aug_out * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)
+
+
+def _gray_mean(x: torch.Tensor) -> torch.Tensor:
+    import torchvision.transforms.v2.functional as TF
+
+    return TF.rgb_to_grayscale(x).mean(dim=(1, 2, 3))
+
+
+def test_contrast_scales_each_image_about_its_grey_mean():
+    x = _mid()
+    out = _unit(BatchAugment(MEAN, STD, contrast=0.5)(x, torch.Generator().manual_seed(0)))
+    xf = x.float() / 255
+    torch.testing.assert_close(_gray_mean(out), _gray_mean(xf), atol=1e-4, rtol=0)
+    m = _gray_mean(xf).view(-1, 1, 1, 1)
+    f = ((out - m).flatten(1) * (xf - m).flatten(1)).sum(1) / ((xf - m).flatten(1) ** 2).sum(1)
+    torch.testing.assert_close(out - m, f.view(-1, 1, 1, 1) * (xf - m), atol=1e-4, rtol=0)
+    assert ((0.5 <= f) & (f <= 1.5)).all() and (f - 1).abs().max() > 0.01
+
+
+def test_saturation_leaves_grey_alone_and_moves_colour():
+    import torchvision.transforms.v2.functional as TF
+
+    aug = BatchAugment(MEAN, STD, saturation=0.5)
+    grey = _mid()[:, :1].expand(-1, 3, -1, -1).contiguous()
+    torch.testing.assert_close(_unit(aug(grey, torch.Generator().manual_seed(0))),
+                               grey.float() / 255, atol=1e-4, rtol=0)
+    x = _mid()
+    out = _unit(aug(x, torch.Generator().manual_seed(0)))
+    xf = x.float() / 255
+    g = TF.rgb_to_grayscale(xf)
+    f = ((out - g).flatten(1) * (xf - g).flatten(1)).sum(1) / ((xf - g).flatten(1) ** 2).sum(1)
+    torch.testing.assert_close(out - g, f.view(-1, 1, 1, 1) * (xf - g), atol=1e-4, rtol=0)
+    assert (f - 1).abs().max() > 0.01
+
+
+def test_rotation_turns_about_the_centre():
+    x = _mid()
+    out = _unit(BatchAugment(MEAN, STD, rotation=30.0)(x, torch.Generator().manual_seed(0)))
+    xf = x.float() / 255
+    torch.testing.assert_close(out[..., 7, 7], xf[..., 7, 7], atol=1e-4, rtol=0)
+    assert (out - xf).abs().amax(dim=(1, 2, 3)).max() > 0.1  # angles drawn from +-30 deg

@@ -113,6 +113,10 @@ def test_memory_and_stream_give_identical_batches(folder, tmp_path):
     assert_same(batches(mem.test), batches(stream.test))
     # Same order and augmentation draws: train batches match too.
     assert_same(batches(mem.train, 3), batches(stream.train, 3))
+    # ... and they are augmented: the un-augmented train images, in the same order, differ
+    plain = build(cfg(folder, in_memory=True, cache_dir=str(tmp_path / "c1")), None)
+    (x_aug, y_aug), (x_plain, y_plain) = batches(mem.train, 3)[0], batches(plain.train, 3)[0]
+    assert torch.equal(y_aug, y_plain) and not torch.allclose(x_aug, x_plain)
 
 
 def _flipped(loader, epoch: int) -> dict[int, bool]:
@@ -266,8 +270,11 @@ def test_file_broken_mid_run_ends_in_one_line(folder, tmp_path):
 
 
 def test_mean_std_null_is_measured(folder, tmp_path):
-    b = build(cfg(folder, mean=None, std=None, cache_dir=str(tmp_path / "c")))
-    assert all(0 < m < 1 for m in b.mean) and all(0 < s < 0.5 for s in b.std)
+    from datagen import direct_stats
+
+    b = build(cfg(folder, mean=None, std=None, val_fraction=0, cache_dir=str(tmp_path / "c")))
+    mean, std = direct_stats(folder / "train", 16)  # every train image, decoded apart
+    assert b.mean == pytest.approx(mean, abs=2e-3) and b.std == pytest.approx(std, abs=2e-3)
     # streaming cannot measure cheaply: ImageNet's, and a warning saying so (it was silent)
     with pytest.warns(UserWarning, match="normalising with ImageNet's statistics"):
         s = build(cfg(folder, mean=None, std=None, in_memory=False, cache_dir=str(tmp_path / "c")))

@@ -8,14 +8,13 @@ import sys
 
 import pytest
 import torch
-import torchvision.transforms.v2.functional as TF
-from PIL import Image
 from safetensors import safe_open
 
 import cnn_bench.train as train_mod
 from cnn_bench.checkpoint import load_checkpoint
 from cnn_bench.models import build_model
 from conftest import ROOT, compose_config, tiny_overrides
+from datagen import direct_stats
 
 
 def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
@@ -54,19 +53,6 @@ def test_safetensors_export_round_trips(tiny_folder, tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == ["best_weights.pt", "best_weights.safetensors"]
 
 
-def _direct_stats(train_dir, resolution: int) -> tuple[list[float], list[float]]:
-    """Per-channel mean/std of every train image: PIL decode, shorter side -> resolution
-    (antialiased), centre crop, [0, 1] units, float64."""
-    imgs = []
-    for path in sorted(p for p in train_dir.rglob("*") if p.suffix in (".jpg", ".png")):
-        with Image.open(path) as im:
-            t = TF.pil_to_tensor(im.convert("RGB"))
-        t = TF.center_crop(TF.resize(t, [resolution], antialias=True), [resolution, resolution])
-        imgs.append(t.double() / 255)
-    x = torch.stack(imgs)
-    return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3), unbiased=False).tolist()
-
-
 def test_stats_cli_matches_a_direct_computation(tiny_folder):
     proc = _cli("cnn_bench.stats", "dataset=imagefolder", f"dataset.root={tiny_folder}",
                 "dataset.resolution=16")
@@ -76,7 +62,7 @@ def test_stats_cli_matches_a_direct_computation(tiny_folder):
         m = re.search(rf"^{name}: \[([^\]]+)\]$", proc.stdout, re.MULTILINE)
         assert m, proc.stdout
         printed[name] = [float(v) for v in m.group(1).split(",")]
-    mean, std = _direct_stats(tiny_folder / "train", 16)
+    mean, std = direct_stats(tiny_folder / "train", 16)
     # 4 printed decimals (the pipeline decodes JPEGs with torchvision, this with PIL).
     assert printed["mean"] == pytest.approx(mean, abs=1e-3)
     assert printed["std"] == pytest.approx(std, abs=1e-3)

@@ -122,6 +122,36 @@ def test_evaluate_confusion_counts_every_prediction():
     assert m["acc"] == pytest.approx(want.diag().sum().item() / 32)
 
 
+def _train_epoch(model, data, rt, lr: float, grad_clip=None, limit=None) -> dict:
+    """One ``loop.train_one_epoch`` with plain SGD at a constant ``lr``."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    return loop.train_one_epoch(loop.StepModel(model, False), data, torch.nn.CrossEntropyLoss(),
+                                opt, sched, scaler, rt, loop.TrainState(), limit=limit,
+                                log_every=3, grad_clip=grad_clip, log_steps=lambda *a: None,
+                                progress=False)
+
+
+def test_train_epoch_counts_every_prediction_and_loss():
+    # lr 0: the weights never move, so the epoch's accuracy and mean loss are evaluate()'s on
+    # the same batches (a train/acc that counted nothing went unnoticed).
+    model, data, rt = _eval_setup(torch.device("cpu"), batches=4)
+    m = _train_epoch(model, data, rt, lr=0.0)
+    ref = loop.evaluate(model, data, torch.nn.CrossEntropyLoss(), rt, 5)
+    assert m["images"] == 32 and 0 < m["acc"] < 1
+    assert m["acc"] == pytest.approx(ref["acc"]) and m["loss"] == pytest.approx(ref["loss"], rel=1e-5)
+
+
+def test_grad_clip_bounds_the_step():
+    # SGD without momentum moves the weights by lr x the (clipped) gradient: its norm is the clip.
+    model, data, rt = _eval_setup(torch.device("cpu"), batches=1)
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    _train_epoch(model, data, rt, lr=1.0, grad_clip=1e-3)
+    after = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert (after - before).norm().item() == pytest.approx(1e-3, rel=1e-4)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs are a CUDA matter")
 def test_evaluate_syncs_once_per_pass_on_cuda():
     """1 batch and 6 batches cost the same number of host syncs (torch's sync debug mode)."""

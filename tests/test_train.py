@@ -39,7 +39,12 @@ def test_run_writes_every_output(trained):
     assert summary["epochs"] == 2 and summary["resolution"] == 16
     assert summary["params"] > 0 and summary["flops"] > 0
     assert summary["device"] == "cpu" and summary["precision"] == "fp32"
-    assert 0 <= summary["test_acc"] <= 1
+    # the test split scored with the best checkpoint (evaluate.py's figure on it)
+    res = evaluate_mod.run(compose_config([f"ckpt={out}/checkpoints/best.pt", "split=test",
+                                           "progress=false", f"output_dir={out}/eval_check"],
+                                          config_name="evaluate"))
+    assert res["images"] == 24 and summary["test_acc"] == pytest.approx(res["acc"])
+    assert summary["test_loss"] == pytest.approx(res["loss"], rel=1e-5)
     lines = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert [ln["epoch"] for ln in lines] == [1, 2]
     assert lines[-1]["val/acc"] == summary["final_val_acc"]
@@ -130,6 +135,28 @@ def test_resume_matches_uninterrupted_run(tiny_folder, tmp_path, monkeypatch):
     # (the checkpointed epoch's record survives the purge of what followed it).
     for tag in ("val/acc", "train/loss", "train/loss_step", "train/lr"):
         assert _scalar_steps(part, tag) == _scalar_steps(full, tag), tag
+
+
+def test_label_smoothing_reaches_the_training_loss_only(tiny_folder, tmp_path, monkeypatch):
+    seen = {}
+    real = train_mod.train_one_epoch
+
+    def spy(model, loader, criterion, *args, **kwargs):
+        seen["train"] = criterion.label_smoothing
+        return real(model, loader, criterion, *args, **kwargs)
+
+    real_eval = train_mod.evaluate
+
+    def eval_spy(model, loader, criterion, *args, **kwargs):
+        seen["eval"] = criterion.label_smoothing
+        return real_eval(model, loader, criterion, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train_one_epoch", spy)
+    monkeypatch.setattr(train_mod, "evaluate", eval_spy)
+    train_mod.run(compose_config(tiny_overrides(tiny_folder, tmp_path, "trainer.epochs=1",
+                                                "trainer.limit_train_batches=1",
+                                                "augmentation.label_smoothing=0.3")))
+    assert seen == {"train": 0.3, "eval": 0.0}  # validation losses stay comparable across runs
 
 
 @pytest.mark.parametrize("scheduler", ["cosine", "onecycle"])
