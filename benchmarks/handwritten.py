@@ -196,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         train_s += tr["seconds"]
         images += tr["images"]
         history.append({"epoch": epoch + 1, "train_loss": tr["loss"], "val_acc": ev["acc"],
-                        "val_loss": ev["loss"], "epoch_time_s": tr["seconds"]})
+                        "val_loss": ev["loss"], "val_images": ev["images"],
+                        "epoch_time_s": tr["seconds"]})
         print(f"epoch {epoch + 1}/{args.epochs}: train loss {tr['loss']:.4f}, {args.val_split} acc "
               f"{ev['acc']:.4f}, {tr['seconds']:.1f} s, {tr['images'] / tr['seconds']:.0f} img/s",
               flush=True)

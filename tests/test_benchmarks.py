@@ -44,7 +44,7 @@ def test_throughput_smoke(tmp_path):
     # --loader-experiment: the loader-alone pass uses the speedrun's reflect crops and
     # alternating flips (GPU check G2's data %)
     proc = _run("throughput.py", "--smoke", "speednet_s:16:8", "--loader-experiment",
-                "cifar10_speedrun", "--out", str(out))
+                "cifar10_speedrun", "--out", str(out), "--json", str(tmp_path / "raw.json"))
     text = out.read_text()
     assert text.strip() == proc.stdout.strip()
     assert "CPU:" in text and "torch " in text and "its augmentation cifar10_speedrun's" in text
@@ -55,6 +55,14 @@ def test_throughput_smoke(tmp_path):
     for cell in (a[5], a[6], b[5], b[6], a[7], a[9]):  # img/s, ratio, peak memory
         assert float(cell.split(" ")[0].replace(",", "")) > 0, cell
     assert float(a[10].split(" ")[0]) >= 0  # data %: rounds to 0.0 next to a CPU step
+    # the ratio cells are the median of the per-repeat ratios cnn_bench / plain
+    import statistics
+
+    (raw,) = json.loads((tmp_path / "raw.json").read_text())
+    for kind, col in (("train", 7), ("eval", 8)):
+        per_repeat = [x / y for x, y in zip(raw[f"cnn_bench_{kind}_ips"], raw[f"plain_{kind}_ips"])]
+        assert raw[f"ratio_{kind}"] == pytest.approx(per_repeat)
+        assert float(a[col].split(" ")[0]) == pytest.approx(statistics.median(per_repeat), abs=6e-4)
 
 
 def test_throughput_compile_times_train_and_eval_through_the_compiled_model(monkeypatch, capsys,
@@ -137,6 +145,12 @@ def test_vs_timm_smoke_without_timm(tiny_folder, tmp_path):
         assert wall > 0 and 0 <= acc <= 1, rows[name]
     assert rows["timm train.py"][2].startswith("skipped")
     assert "CPU target" in out.read_text()
+    # the hand-written runners score the test split (3 classes x 8 images), as cnn_bench does
+    for name in ("hand-written (tensor)", "hand-written (folder)"):
+        run = tmp_path / "work" / "runs" / f"{vs_timm.slug(name)}-0"
+        result = json.loads((run / "result.json").read_text())
+        assert {h["val_images"] for h in result["history"]} == {24}
+        assert result["final_acc"] == pytest.approx(float(rows[name][5]), abs=5e-5)
     # The folder has val/ too: cnn_bench must evaluate test/ after every epoch, as the others do
     # (its summary then has no separate test_acc), through a view without val/.
     summary = json.loads((tmp_path / "work" / "runs" / "cnn-bench-0" / "summary.json").read_text())
@@ -259,11 +273,12 @@ def test_timm_command_does_the_same_work(tmp_path, monkeypatch):
 
 
 FAKE_TIMM_TRAIN = """\
-import argparse, os, sys
+import argparse, os, sys, time
 import torch
 parser = argparse.ArgumentParser()
 parser.add_argument('--output')
 def train_one_epoch(epoch, args, device=torch.device('cuda')):
+    time.sleep(0.05)  # a lower bound on the epoch time the launcher measures
     return device
 def validate(args, device=torch.device('cuda'), log_suffix=''):
     return device
@@ -292,8 +307,9 @@ def test_timm_launcher_fixes_the_device_and_times_epochs(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     parsed = timm_script.parse_timm(out)
     assert parsed["acc"] == pytest.approx(0.4)
-    assert parsed["train_s"] is not None and parsed["train_s"] >= 0
-    assert len(json.loads((out / timm_script.TIMM_TIMES).read_text())["train_epoch_s"]) == 2
+    epochs = json.loads((out / timm_script.TIMM_TIMES).read_text())["train_epoch_s"]
+    assert len(epochs) == 2 and all(s >= 0.05 for s in epochs)  # each slept 0.05 s
+    assert parsed["train_s"] == pytest.approx(sum(epochs))
 
 
 AIRBENCH_TABLE = """\

@@ -135,9 +135,11 @@ def test_a_diverged_run_stops_and_fails_keeping_its_finite_best(tiny_folder, tmp
     assert summary["stop_reason"].startswith(f"training diverged at epoch {at}")
     assert summary["best_epoch"] < at
     best = tmp_path / "checkpoints" / "best.pt"
+    assert best.exists() == (summary["best_epoch"] >= 1)
     if best.exists():  # an earlier epoch's weights, still finite
-        assert all(torch.isfinite(v).all() for v in load_checkpoint(best)["model"].values()
-                   if v.is_floating_point())
+        ck = load_checkpoint(best)
+        assert ck["state"]["epoch"] == summary["best_epoch"]
+        assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
 
 
 @pytest.mark.parametrize("value, best, mode, min_delta, expected", [

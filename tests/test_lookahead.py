@@ -92,19 +92,24 @@ def _train(root, out, *extra):
     return train_mod.run(compose_config(tiny_overrides(root, out, *extra)))
 
 
-def test_run_ends_on_the_slow_weights_and_checkpoints_them(tiny_folder, tmp_path):
+def test_run_ends_on_the_slow_weights_and_checkpoints_them(tiny_folder, tmp_path, monkeypatch):
     short = ["trainer.epochs=2", "trainer.limit_train_batches=3", "augmentation=basic"]
+    la = ["trainer.lookahead_every=4", "trainer.lookahead_decay=0.5"]
     plain = _train(tiny_folder, tmp_path / "plain", *short)
-    s = _train(tiny_folder, tmp_path / "la", *short, "trainer.lookahead_every=2",
-               "trainer.lookahead_decay=0.5")
-    assert s["lookahead_every"] == 2 and plain["lookahead_every"] is None
+    s = _train(tiny_folder, tmp_path / "la", *short, *la)
+    assert s["lookahead_every"] == 4 and plain["lookahead_every"] is None
     ck = torch.load(tmp_path / "la/checkpoints/last.pt", weights_only=True)
     assert "lookahead" not in load_checkpoint(tmp_path / "plain/checkpoints/last.pt")
-    # 6 steps, a sync after step 6: the trained model is the slow copy.
+    # 6 steps, one sync after step 4: the run ends between syncs, on the slow copy.
     assert ck["lookahead"].keys() <= ck["model"].keys() and ck["lookahead"]
     for k, v in ck["lookahead"].items():
         assert torch.equal(ck["model"][k], v), k
     assert s["final_train_loss"] != plain["final_train_loss"]  # it changed the trajectory
+    # After epoch 1 (step 3, before any sync) the checkpoint holds both copies, and they differ.
+    interrupt_after_first_epoch(monkeypatch, lambda: _train(tiny_folder, tmp_path / "mid",
+                                                            *short, *la))
+    mid = torch.load(tmp_path / "mid/checkpoints/last.pt", weights_only=True)
+    assert any(not torch.equal(mid["model"][k], v) for k, v in mid["lookahead"].items())
 
 
 def test_resume_with_lookahead_matches_uninterrupted_run(tiny_folder, tmp_path, monkeypatch):

@@ -54,6 +54,7 @@ CASES = [(n, r) for n in list_models() for r in (32, 64, 224) if not (r == 224 a
 def test_forward_backward(name, resolution):
     if name == "timm" and not HAS_TIMM:
         pytest.skip("timm is not installed (its error path is tested below)")
+    torch.manual_seed(0)
     model = build_model(_cfg(name), NUM_CLASSES, resolution)
     model.train()
     out = model(torch.randn(2, 3, resolution, resolution))
@@ -64,6 +65,13 @@ def test_forward_backward(name, resolution):
         if p.requires_grad:
             assert p.grad is not None, f"{pname} got no gradient"
             assert torch.isfinite(p.grad).all(), f"{pname} has a non-finite gradient"
+    # The output depends on the first layer and the classifier reads real features (a head that
+    # multiplied them by 0 passed the checks above). Inner layers may have all-zero gradients at
+    # init: a zero-initialised last BN of a residual branch (timm's zero_init_last) silences it.
+    first = next(p for p in model.parameters() if p.requires_grad)
+    head = model.get_submodule(model.classifier_name).weight
+    assert first.grad.abs().sum() > 0 and head.grad.abs().sum() > 0
+    assert not torch.allclose(out[0], out[1])  # the prediction depends on the image
 
 
 @pytest.mark.parametrize("name", [n for n in _zoo() if n not in SLOW_AT_224])

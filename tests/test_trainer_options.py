@@ -10,8 +10,12 @@ the epochs (none: the compile warm-up does them before epoch 1).
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import sysconfig
 import math
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -131,8 +135,9 @@ def test_bf16_autocast_on_cpu_close_and_finite(tiny_folder, tmp_path, monkeypatc
 
 def test_compile_matches_or_falls_back_with_one_warning(tiny_folder, tmp_path, monkeypatch,
                                                         reference):
-    """torch.compile on CPU needs a C++ compiler (a cold compile takes ~40 s on 2 cores); if it
-    fails, the trainer trains eagerly after one warning - either outcome is correct."""
+    """torch.compile on CPU needs a C++ compiler and Python's headers (a cold compile takes ~40 s
+    on 2 cores); without them the trainer trains eagerly after one warning. With them, it must
+    compile: a fallback there would hide a broken compile path."""
     spy = Spy(monkeypatch)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -140,6 +145,10 @@ def test_compile_matches_or_falls_back_with_one_warning(tiny_folder, tmp_path, m
     fallback = [w for w in caught if "torch.compile failed" in str(w.message)]
     assert s["compile"] is True and (spy.first["compiled"] or fallback)
     assert len(fallback) <= 1
+    can_compile = (shutil.which(os.environ.get("CXX", "g++")) is not None and
+                   Path(sysconfig.get_paths()["include"], "Python.h").is_file())
+    if can_compile:
+        assert spy.first["compiled"] and not fallback, [str(w.message) for w in fallback]
     # The warm-up is timed apart (even a failed attempt takes time); epochs exclude it.
     assert s["compile_s"] > 0 and reference["compile_s"] == 0.0
     lines = [json.loads(ln) for ln in (tmp_path / "compiled" / "metrics.jsonl").read_text().splitlines()]
