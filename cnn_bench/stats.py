@@ -10,15 +10,17 @@ import sys
 
 import torch
 
-from cnn_bench.cli import compose_config, fail
+from cnn_bench.cli import check_command_line, compose_config, fail
 from cnn_bench.data import build_data
 from cnn_bench.data.memory import channel_stats
 from cnn_bench.errors import CnnBenchError
 
 
 def dataset_stats(data_cfg, device: str = "cpu", batch_size: int = 512) -> dict:
-    """Mean/std of the train split. In memory: exact over every image; streamed: every full batch."""
-    data = build_data(data_cfg, {"name": "none"}, batch_size=batch_size, device=device, seed=0)
+    """Mean/std over every image of the train split (loaded in order, as evaluation loads it:
+    a shuffled training pass drops the last partial batch)."""
+    data = build_data(data_cfg, {"name": "none"}, batch_size=batch_size, device=device, seed=0,
+                      train_for_eval=True)
     loader = data.train
     if data.in_memory:
         mean, std = channel_stats(loader.images)
@@ -45,11 +47,15 @@ def dataset_stats(data_cfg, device: str = "cpu", batch_size: int = 512) -> dict:
 
 
 def main(argv: list[str]) -> None:
-    overrides = [a for a in argv if "=" in a]
-    try:
-        cfg = compose_config("config", ["augmentation=none", *overrides])
-    except Exception as ex:  # noqa: BLE001  (composition errors are user mistakes)
-        fail(str(ex).strip().splitlines()[0])
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__.strip())
+        return
+    bad = [a for a in argv if "=" not in a]
+    if bad:
+        fail(f"'{bad[0]}' is not an override: use KEY=VALUE, e.g. dataset.resolution=64")
+    # The trainer's own checks: a typo in a key or a value gets its one line here too.
+    check_command_line(["augmentation=none", *argv])
+    cfg = compose_config("config", ["augmentation=none", *argv])
     try:
         st = dataset_stats(cfg.dataset)
     except CnnBenchError as e:

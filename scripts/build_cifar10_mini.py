@@ -35,6 +35,13 @@ def select(src: Path, n_train: int, n_test: int) -> dict[str, bytes]:
                 continue
             # Keep all bytes of the directory for now: member order in the source is not sorted.
             by_dir[(parts[0], parts[1])][parts[2]] = tf.extractfile(m).read()
+    classes = {split: sorted(c for s, c in by_dir if s == split) for split in ("train", "test")}
+    if not classes["train"] or not classes["test"]:
+        missing = [s for s in ("train", "test") if not classes[s]]
+        sys.exit(f"error: {src} has no {' or '.join(f'{s}/<class>/*.jpg' for s in missing)} at its "
+                 "top level (a folder wrapping train/ and test/?)")
+    if classes["train"] != classes["test"]:
+        sys.exit(f"error: train/ and test/ have other classes: {classes['train']} vs {classes['test']}")
     chosen: dict[str, bytes] = {}
     for (split, cls), files in sorted(by_dir.items()):
         n = n_train if split == "train" else n_test

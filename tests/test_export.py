@@ -66,3 +66,30 @@ def test_stats_cli_matches_a_direct_computation(tiny_folder):
     # 4 printed decimals (the pipeline decodes JPEGs with torchvision, this with PIL).
     assert printed["mean"] == pytest.approx(mean, abs=1e-3)
     assert printed["std"] == pytest.approx(std, abs=1e-3)
+
+
+def test_streamed_stats_cover_every_train_image(tiny_folder, tmp_path):
+    # The streamed pass read the shuffled training loader, which drops the last partial batch
+    # (8 of these 72 images at batch 16; up to 511 at the default 512).
+    from cnn_bench.stats import dataset_stats
+
+    cfg = compose_config(["dataset=imagefolder", f"dataset.root={tiny_folder}",
+                          "dataset.resolution=16", "dataset.in_memory=false",
+                          f"dataset.cache_dir={tmp_path}", "dataset.num_workers=0"])
+    st = dataset_stats(cfg.dataset, batch_size=16)
+    mean, std = direct_stats(tiny_folder / "train", 16)
+    assert st["images"] == 72
+    assert list(st["mean"]) == pytest.approx(mean, abs=2e-3)
+    assert list(st["std"]) == pytest.approx(std, abs=2e-3)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--resolution", "16"], "'--resolution' is not an override: use KEY=VALUE"),
+    (["dataset.resolution=4"], "dataset.resolution must be >= 8"),
+])
+def test_stats_cli_refuses_what_it_would_ignore(args, message):
+    # Arguments without '=' were dropped (stats at 224 px, no word), and values train.py refuses
+    # were measured.
+    proc = _cli("cnn_bench.stats", *args)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith(f"error: {message}") and "\n" not in proc.stderr.strip()

@@ -415,6 +415,19 @@ def meeting_task(cfg):
     return 1.0
 
 
+@cli.user_errors
+def waiting_task(cfg):
+    """Launcher test job: record its pid, then wait (up to 60 s) to be interrupted."""
+    from cnn_bench.sweep.job import job_dir
+
+    out = job_dir()
+    (out / "worker.json").write_text(json.dumps({"pid": os.getpid()}))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+    return 1.0
+
+
 def worker_record(sweep: Path, case: str) -> dict:
     jobs = job_dirs(sweep)  # a sweep of one job is named by its number
     (job,) = jobs if len(jobs) == 1 else [j for j in jobs if f"+case={case}" in j.name]
@@ -480,6 +493,8 @@ def test_launcher_slots_follow_the_visible_gpus(monkeypatch):
     assert LocalGpusLauncher()._slots() == ["2", "3"]
     assert LocalGpusLauncher(n_jobs=4)._slots() == ["2", "3", "2", "3"]  # two jobs per GPU
     assert LocalGpusLauncher(n_jobs=1)._slots() == ["2"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,-1,2")  # CUDA stops at the invalid id
+    assert visible_gpus() == ["0"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
     assert visible_gpus() == [] and LocalGpusLauncher()._slots() == [None, None]
     assert LocalGpusLauncher(n_jobs=3)._slots() == [None, None, None]
@@ -508,6 +523,54 @@ def test_launcher_records_a_worker_without_result_by_what_happened(tmp_path, bef
             (job.dir / "summary.json").write_text("{}")
     LocalGpusLauncher()._read_result(job, tmp_path / "no_result.pkl", code)
     assert read_status(job.dir)["status"] == after
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_signal_to_the_launcher_alone_stops_its_workers(tmp_path, sig):
+    # SIGTERM killed the launcher and left its workers training, orphaned; a SIGINT to it alone
+    # (not the terminal's, which reaches the whole group) waited for them to finish.
+    import signal
+
+    sweep = tmp_path / "sweep"
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]\n"
+        "from test_sweep import multirun, waiting_task\n"
+        f"multirun(__import__('pathlib').Path({str(sweep)!r}), ['hydra/launcher=local_gpus', "
+        "'+case=a,b,c'], task=waiting_task)\n")
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    parent = subprocess.Popen([sys.executable, str(script)], env=env, cwd=tmp_path,
+                              start_new_session=True,  # only the launcher gets the signal
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 90
+    while len(list(sweep.glob("*/worker.json"))) < 2:  # both slots busy
+        assert time.monotonic() < deadline and parent.poll() is None, parent.stdout.read()
+        time.sleep(0.1)
+    pids = [json.loads(p.read_text())["pid"] for p in sweep.glob("*/worker.json")]
+    parent.send_signal(getattr(signal, sig))
+    parent.wait(timeout=60)
+    for pid in pids:  # the workers are gone too
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    statuses = sorted(read_status(j)["status"] for j in job_dirs(sweep) if (j / "status.json").exists())
+    assert statuses.count(INTERRUPTED) >= 2 and DONE not in statuses
+
+
+def test_an_earlier_attempts_interrupted_record_does_not_hide_a_worker_death(tmp_path):
+    # A rerun's worker killed before it wrote "running" was reported "interrupted" (the first
+    # attempt's record), not failed.
+    from omegaconf import OmegaConf
+
+    from cnn_bench.sweep.status import write_status
+    from hydra_plugins.cnn_bench_launcher.local_gpus_launcher import LocalGpusLauncher, _Job
+
+    job = _Job(0, ["+case=x"], OmegaConf.create({"hydra": {}, "case": "x"}), tmp_path / "job")
+    write_status(job.dir, "interrupted")
+    started = time.time() + 1e-3  # this attempt began after that record
+    LocalGpusLauncher()._read_result(job, tmp_path / "no_result.pkl", -9, started)
+    record = read_status(job.dir)
+    assert record["status"] == FAILED and "SIGKILL" in record["reason"]
 
 
 @pytest.mark.parametrize("launcher", ["slurm", "submitit_slurm"])

@@ -57,8 +57,14 @@ def visible_gpus() -> list[str]:
     env = os.environ.get("CUDA_VISIBLE_DEVICES")
     if env is not None:
         ids = [g.strip() for g in env.split(",") if g.strip()]
-        # CUDA stops at the first invalid id ("-1" is the usual way to hide every GPU).
-        return [] if not ids or ids[0].startswith("-") else ids
+        # CUDA stops at the first invalid id ("-1" is the usual way to hide every GPU): "0,-1,2"
+        # is GPU 0 alone.
+        valid = []
+        for g in ids:
+            if g.startswith("-"):
+                break
+            valid.append(g)
+        return valid
     try:
         import torch
     except ImportError:
@@ -124,6 +130,7 @@ class LocalGpusLauncher(Launcher):
         self.config: Optional[DictConfig] = None
         self.task_function: Optional[TaskFunction] = None
         self.hydra_context: Optional[HydraContext] = None
+        self._live: set = set()  # running worker processes
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction,
               config: DictConfig) -> None:
@@ -176,8 +183,32 @@ class LocalGpusLauncher(Launcher):
             finally:
                 free.put(slot)
 
-        with ThreadPoolExecutor(max_workers=len(slots)) as pool:
-            return list(pool.map(run, jobs))
+        # A SIGTERM (a scheduler's stop, `kill`) stops the sweep as Ctrl-C does; without this
+        # the launcher died at once and its workers trained on, orphaned.
+        def on_term(signum, frame):
+            raise KeyboardInterrupt
+
+        previous = signal.signal(signal.SIGTERM, on_term)
+        try:
+            with ThreadPoolExecutor(max_workers=len(slots)) as pool:
+                try:
+                    return list(pool.map(run, jobs))  # a Ctrl-C cancels the jobs not started
+                except KeyboardInterrupt:
+                    self._interrupt_workers()
+                    raise
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def _interrupt_workers(self, grace_s: float = 5.0) -> None:
+        """Ctrl-C in a terminal reaches the workers too (one process group); a SIGINT or SIGTERM
+        sent to this process alone does not. Workers still running after ``grace_s`` get one
+        SIGINT: they record themselves as interrupted and exit, and a rerun resumes them."""
+        deadline = time.monotonic() + grace_s
+        for proc in list(self._live):
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGINT)
 
     def _run_worker(self, job: _Job, task: dict, gpu: Optional[str], threads: int) -> JobReturn:
         env = dict(os.environ)
@@ -196,20 +227,26 @@ class LocalGpusLauncher(Launcher):
         job.dir.mkdir(parents=True, exist_ok=True)
         where = f"GPU {gpu}" if gpu is not None else "CPU"
         log.info("\t#%d start on %s: %s", job.idx, where, " ".join(filter_overrides(job.overrides)))
-        tic = time.perf_counter()
+        tic, started = time.perf_counter(), time.time()
         with tempfile.TemporaryDirectory(prefix="cnn_bench_job_") as tmp:
             result_path = Path(tmp) / "result.pkl"
             payload = pickle.dumps({"config": job.config, "task": task})
             with open(job.dir / "worker.log", "ab") as out:
-                proc = subprocess.run(
+                proc = subprocess.Popen(
                     [sys.executable, "-m", "hydra_plugins.cnn_bench_launcher._worker", str(result_path)],
-                    input=payload, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd())
-            ret = self._read_result(job, result_path, proc.returncode)
+                    stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT, env=env,
+                    cwd=os.getcwd())
+                self._live.add(proc)
+                try:
+                    proc.communicate(payload)
+                finally:
+                    self._live.discard(proc)
+            ret = self._read_result(job, result_path, proc.returncode, started)
         status = self._describe(job, ret)
         log.info("\t#%d %s in %.1f s: %s", job.idx, status, time.perf_counter() - tic, job.dir.name)
         return ret
 
-    def _read_result(self, job: _Job, path: Path, code: int) -> JobReturn:
+    def _read_result(self, job: _Job, path: Path, code: int, started: float = 0.0) -> JobReturn:
         if path.is_file():
             with open(path, "rb") as f:
                 ret = pickle.load(f)
@@ -218,8 +255,12 @@ class LocalGpusLauncher(Launcher):
         from cnn_bench.sweep.status import (FAILED, INTERRUPTED, is_finished, read_status,
                                             write_status)
 
-        if is_finished(job.dir) or read_status(job.dir).get("status") == INTERRUPTED:
-            pass  # done earlier (Ctrl-C while the worker started up), or the worker said so
+        record = read_status(job.dir)
+        if is_finished(job.dir) or (record.get("status") == INTERRUPTED
+                                    and record.get("updated_at", 0) >= started):
+            # done earlier (Ctrl-C while the worker started up), or this attempt's worker said
+            # so (an earlier attempt's "interrupted" says nothing of how this one ended)
+            pass
         elif code in (-signal.SIGINT, 130):  # Ctrl-C before the job itself began
             write_status(job.dir, INTERRUPTED, reason="interrupted (Ctrl-C) before it started")
         else:
