@@ -179,6 +179,11 @@ def test_cli_prints_a_row():
     bad = subprocess.run([sys.executable, "-m", "cnn_bench.models", "resnet5O"],
                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert bad.returncode == 2 and "resnet50" in bad.stderr and "Traceback" not in bad.stderr
+    # a glob that matches a passthrough only said "no model matches"
+    glob = subprocess.run([sys.executable, "-m", "cnn_bench.models", "torchvis*"],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert glob.returncode == 2
+    assert "matches only torchvision, listed by name" in glob.stderr
 
 
 def test_alexnet_imagenet_stem_below_its_minimum_names_both_ways_out():

@@ -20,8 +20,12 @@ from cnn_bench.models.external import PASSTHROUGHS
 def _select(pattern: str) -> list[str]:
     if pattern in list_models():
         return [pattern]
-    names = [n for n in list_models(pattern) if n not in PASSTHROUGHS]
+    matched = list_models(pattern)
+    names = [n for n in matched if n not in PASSTHROUGHS]
     if not names:
+        if matched:  # a pattern of passthroughs only: they are listed by their name
+            raise CnnBenchError(f"'{pattern}' matches only {', '.join(matched)}, listed by name: "
+                                f"python -m cnn_bench.models {matched[0]}")
         hint = did_you_mean(pattern, list_models()) if not any(c in pattern for c in "*?[") else ""
         raise CnnBenchError(f"no model matches '{pattern}'" + (f": {hint}" if hint else ""))
     return names
@@ -57,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         for i, name in enumerate(names):
             row = _row(name, args.resolution, args.num_classes)
             if i == 0:  # after the first build, so a bad option prints only the error
-                print(f"resolution {args.resolution} px, {args.num_classes} classes, stem auto "
+                stem = "their own stem" if names[0] in PASSTHROUGHS else "stem auto"
+                print(f"resolution {args.resolution} px, {args.num_classes} classes, {stem} "
                       f"(FLOPs = 2 x MACs)")
                 print(fmt.format("name", "params", "GFLOPs", "MMACs", "output").rstrip())
                 print("  ".join("-" * w for w in widths))
