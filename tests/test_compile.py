@@ -214,12 +214,14 @@ def test_each_run_in_one_process_compiles_afresh(tiny_folder, tmp_path, monkeypa
 
     real = torch.compile
     monkeypatch.setattr(torch, "compile", lambda m, **kw: real(m, backend="eager", dynamic=False))
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 3)
     graphs = []
-    for res in (16, 20):
-        before = counters["stats"]["unique_graphs"]
-        train_mod.run(compose_config(tiny_overrides(
-            tiny_folder, tmp_path / str(res), "trainer.compile=true", "trainer.epochs=1",
-            "trainer.limit_train_batches=1", f"dataset.resolution={res}")))
-        graphs.append(counters["stats"]["unique_graphs"] - before)
+    # config.patch, not monkeypatch: monkeypatch's undo deleted the key from dynamo's config,
+    # and every later torch.compile in the session failed ("recompile_limit does not exist")
+    with torch._dynamo.config.patch(recompile_limit=3):
+        for res in (16, 20):
+            before = counters["stats"]["unique_graphs"]
+            train_mod.run(compose_config(tiny_overrides(
+                tiny_folder, tmp_path / str(res), "trainer.compile=true", "trainer.epochs=1",
+                "trainer.limit_train_batches=1", f"dataset.resolution={res}")))
+            graphs.append(counters["stats"]["unique_graphs"] - before)
     assert graphs[0] > 0 and graphs[1] == graphs[0]
