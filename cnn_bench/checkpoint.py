@@ -99,6 +99,9 @@ def _check_magic(path: Path) -> None:
         raise CnnBenchError(f"checkpoint {path} is empty (0 bytes): an interrupted copy or download?")
     if head.startswith(_MAGIC):
         return
+    if len(head) > 9 and head[8:10] == b'{"':  # u64 header length, then the JSON header
+        raise CnnBenchError(f"{path} is a safetensors file: give it the .safetensors suffix "
+                            "(model.weights= reads a file by its suffix)")
     if head.startswith(b"version https://git-lfs"):
         raise CnnBenchError(f"{path} is a Git LFS pointer, not the checkpoint: run 'git lfs pull'")
     shown = head[:16].decode("ascii", "backslashreplace").strip()
@@ -111,8 +114,14 @@ def _unpickler_reason(text: str) -> str:
     global: ...``), without the terminal colour codes torch puts in its advice."""
     lines = [re.sub(r"\x1b\[[0-9;]*m", "", ln).strip() for ln in text.splitlines()]
     lines = [ln for ln in lines if ln]
-    hit = next((ln for ln in lines if "WeightsUnpickler error" in ln or "Unsupported global" in ln),
-               lines[0] if lines else "unsupported content")
+    i = next((k for k, ln in enumerate(lines)
+              if "WeightsUnpickler error" in ln or "Unsupported global" in ln), None)
+    if i is None:
+        return lines[0][:200] if lines else "unsupported content"
+    hit = lines[i]
+    if hit.rstrip().endswith("error:") and i + 1 < len(lines):  # the reason is on the next line
+        hit = f"{hit} {lines[i + 1]}"
+    hit = hit[hit.find("WeightsUnpickler error"):] if "WeightsUnpickler error" in hit else hit
     return hit.split(". Please use")[0][:200]  # torch's advice on allow-listing follows
 
 

@@ -171,6 +171,8 @@ def check_command_line(argv: list[str], config_name: str = "config") -> None:
                 fail(f"{o} submits to SLURM, but there is no 'srun' on this machine's PATH: run "
                      "the sweep from a SLURM login node, or drop hydra/launcher to run it here")
     local_gpus = "hydra/launcher=local_gpus" in args.overrides
+    if local_gpus and config_name == "evaluate":  # its jobs' failures would end in exit 0
+        fail("evaluate.py runs its jobs one after another: drop hydra/launcher=local_gpus")
     other_launcher = not local_gpus and any(o.startswith("hydra/launcher=") for o in args.overrides)
     for o in args.overrides:
         key, _, value = o.partition("=")

@@ -80,6 +80,13 @@ def class_mismatch(found: list[str], trained: list[str]) -> str:
             f"({'; '.join(parts)}): point dataset_root at the data the model was trained on")
 
 
+def _multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 def _log_to_tensorboard(tb_dir: Path, split: str, m: dict, step: int) -> None:
     """``eval/<split>/{acc,loss}`` at the checkpoint's step; a run folder we may not write to
     (someone else's, read-only) costs the scalars, not the evaluation."""
@@ -99,6 +106,9 @@ def run(cfg: DictConfig) -> dict:
     """
     if not cfg.get("ckpt"):
         raise CnnBenchError("ckpt=PATH is required, e.g. ckpt=outputs/<run>/checkpoints/best.pt")
+    if cfg.get("output_dir") and _multirun():
+        raise CnnBenchError("output_dir with -m would write every job's results to one folder: "
+                            "leave it unset (each checkpoint's run keeps eval/<split>/)")
     ckpt_path = Path(cfg.ckpt)
     ck = load_checkpoint(ckpt_path)
     train_cfg = OmegaConf.create(ck["config"])

@@ -35,10 +35,12 @@ def export(ckpt: str | Path, fmt: str = "safetensors", out: str | Path | None = 
         out = Path(out) / name  # out=<a folder>: the default file name, in it
     else:
         out = Path(out)
-        other = {v: k for k, v in FORMATS.items() if k != fmt}.get(out.suffix)
+        other = {v: k for k, v in FORMATS.items() if k != fmt}.get(out.suffix.lower())
         if other:  # model.weights= reads a file by its suffix
             raise CnnBenchError(f"out={out} names a {other} file but format={fmt}: use "
                                 f"format={other}, or an out= ending in {FORMATS[fmt]}")
+        if out.suffix.lower() != FORMATS[fmt]:  # a reader must be able to tell the format
+            out = out.with_name(out.name + FORMATS[fmt])
     weights, which = model_weights(ck, use_ema)
     # safetensors refuses views into shared storage; contiguous copies are what a reader wants.
     state = {k: v.detach().contiguous().cpu() for k, v in weights.items()}

@@ -385,9 +385,18 @@ def _diverged(model: nn.Module) -> bool:
 def _recheck_early_stop(state: TrainState, es_cfg) -> None:
     """A checkpoint that stopped early resumes when the patience now allows more epochs
     (``trainer.early_stopping.patience`` raised, or off); otherwise say why nothing trains."""
+    patience = None if es_cfg is None else es_cfg.get("patience")
+    if state.stop_reason is None and patience is not None and state.epoch > 0 \
+            and state.es_wait >= patience:
+        # it ran out of patience on its last scheduled epoch (no stop then): more epochs now
+        # would train past it
+        state.stop_reason = (f"early stopping at epoch {state.epoch}: {es_cfg.monitor} did not "
+                             f"improve for {state.es_wait} epochs (patience {patience})")
+        log.warning("nothing to train: %s; raise trainer.early_stopping.patience to go on",
+                    state.stop_reason)
+        return
     if not (state.stop_reason or "").startswith("early stopping"):
         return
-    patience = None if es_cfg is None else es_cfg.get("patience")
     if patience is None or state.es_wait < patience:
         log.info("continuing past the earlier early stop (%s): patience now %s", state.stop_reason,
                  patience)

@@ -46,6 +46,24 @@ def test_a_file_that_is_not_a_checkpoint_is_one_line(tmp_path, content, message)
         safe_load(path)
 
 
+def test_a_safetensors_file_without_its_suffix_is_named(tmp_path):
+    # It was called "not a PyTorch checkpoint (... an HTML page ...)".
+    from safetensors.torch import save_file
+
+    path = tmp_path / "weights"
+    save_file({"w": torch.zeros(2)}, str(path))
+    with pytest.raises(CnnBenchError, match="is a safetensors file: give it the .safetensors suffix"):
+        safe_load(path)
+
+
+def test_a_refused_pickle_protocol_gives_torchs_reason(tmp_path):
+    # The reason sits on the line after "WeightsUnpickler error:"; only the empty label came out.
+    path = tmp_path / "p4.pt"
+    torch.save({"w": torch.zeros(2)}, path, pickle_protocol=4)
+    with pytest.raises(CnnBenchError, match=r"\(WeightsUnpickler error: Unsupported operand"):
+        safe_load(path)
+
+
 def test_a_refused_pickle_says_which_global(tmp_path):
     # torch's first line is generic advice with terminal colour codes; the reason came later.
     path = tmp_path / "ns.pt"
@@ -139,6 +157,32 @@ def test_export_refuses_what_it_would_ignore(run_dir, tmp_path, capsys, args, me
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
     assert not list(tmp_path.iterdir())
+
+
+def test_export_out_without_the_formats_suffix_gets_it(run_dir, tmp_path):
+    # out=weights wrote a safetensors file without a suffix, which model.weights= cannot place.
+    export_mod.main([f"ckpt={run_dir}/checkpoints/best.pt", f"out={tmp_path / 'weights'}"])
+    assert [p.name for p in tmp_path.iterdir()] == ["weights.safetensors"]
+
+
+def test_evaluate_multirun_with_one_output_dir_is_refused(run_dir, tmp_path):
+    # Every job wrote <output_dir>/evaluation.json: the last one's replaced the others.
+    p = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "-m",
+                        f"ckpt={run_dir}/checkpoints/best.pt", "split=test,val",
+                        f"output_dir={tmp_path / 'out'}", "progress=false",
+                        f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "error: output_dir with -m would write every job's" in p.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_evaluate_refuses_the_parallel_launcher(capsys):
+    # Its workers' failures came back as exit 0 (evaluate has no sweep report to count them).
+    from cnn_bench import cli
+
+    with pytest.raises(SystemExit):
+        cli.check_command_line(["-m", "hydra/launcher=local_gpus", "ckpt=a.pt,b.pt"], "evaluate")
+    assert "drop hydra/launcher=local_gpus" in capsys.readouterr().err
 
 
 def test_export_out_ending_in_a_slash_is_a_folder(run_dir, tmp_path):

@@ -90,6 +90,12 @@ def test_early_stopping_at_the_last_epoch_is_no_stop_and_resume_rechecks_it(tiny
         tiny_folder, early, *flat, "trainer.epochs=4", "trainer.early_stopping.patience=5",
         "trainer.resume=auto")))
     assert summary["epochs"] == 4 and summary["stop_reason"] is None
+    # ran out of patience on its last epoch (no stop then); more epochs, same patience: it
+    # trained one epoch past it
+    summary = train_mod.run(compose_config(tiny_overrides(
+        tiny_folder, run, *flat, "trainer.epochs=4", "trainer.early_stopping.patience=1",
+        "trainer.resume=auto")))
+    assert summary["epochs"] == 2 and summary["stop_reason"].startswith("early stopping at epoch 2")
 
 
 def test_early_stopping_on_a_loss_waits_for_it_to_fall():

@@ -557,6 +557,60 @@ def test_a_signal_to_the_launcher_alone_stops_its_workers(tmp_path, sig):
     assert statuses.count(INTERRUPTED) >= 2 and DONE not in statuses
 
 
+def test_the_launcher_runs_from_a_thread_other_than_the_main_one(tmp_path, monkeypatch):
+    # Installing its SIGTERM handler raised "signal only works in main thread" there.
+    import threading
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    sweep, errors = tmp_path / "sweep", []
+
+    def target():
+        try:
+            multirun(sweep, ["hydra/launcher=local_gpus", "+case=ok", "+meet=[ok]"],
+                     task=meeting_task)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    t = threading.Thread(target=target)
+    t.start()
+    t.join(timeout=120)
+    assert not errors and worker_record(sweep, "ok")["status"] == DONE
+
+
+def test_a_second_signal_while_waiting_interrupts_the_workers_at_once(monkeypatch):
+    # A second SIGTERM during the grace period raised out of the wait: no worker got its SIGINT
+    # and the sweep trained on.
+    import signal
+
+    from hydra_plugins.cnn_bench_launcher.local_gpus_launcher import LocalGpusLauncher
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    launcher = LocalGpusLauncher()
+    launcher._live.add(proc)
+
+    def second_signal(timeout=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(proc, "wait", second_signal)
+    launcher._interrupt_workers(grace_s=30)
+    monkeypatch.undo()
+    assert proc.wait(timeout=10) == -signal.SIGINT
+
+
+def test_a_worker_started_with_sigint_ignored_takes_it_again():
+    # A launcher run in the background by a script inherits SIGINT ignored; so did its workers,
+    # and the SIGINT it sends them to stop did nothing.
+    code = ("import os, signal, time\n"
+            "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+            "from hydra_plugins.cnn_bench_launcher._worker import restore_sigint\n"
+            "restore_sigint()\n"
+            "os.kill(os.getpid(), signal.SIGINT)\n"
+            "time.sleep(10)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode != 0 and "KeyboardInterrupt" in proc.stderr
+
+
 def test_an_earlier_attempts_interrupted_record_does_not_hide_a_worker_death(tmp_path):
     # A rerun's worker killed before it wrote "running" was reported "interrupted" (the first
     # attempt's record), not failed.

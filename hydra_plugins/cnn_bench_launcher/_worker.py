@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import pickle
+import signal
 import sys
 from typing import Any
 
@@ -40,7 +41,15 @@ def _picklable(ret) -> Any:
     return ret
 
 
+def restore_sigint() -> None:
+    """Ctrl-C raises KeyboardInterrupt again. A launcher started in the background by a script
+    inherits SIGINT ignored, and so would this worker: the SIGINT the launcher sends it to stop
+    would then do nothing."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main(result_path: str) -> None:
+    restore_sigint()
     from hydra._internal.callbacks import Callbacks
     from hydra.core.utils import JobRuntime, run_job, setup_globals
     from hydra.types import HydraContext

@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -188,7 +189,9 @@ class LocalGpusLauncher(Launcher):
         def on_term(signum, frame):
             raise KeyboardInterrupt
 
-        previous = signal.signal(signal.SIGTERM, on_term)
+        # Signal handlers belong to the main thread (an app may run Hydra in another one).
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, on_term) if main else None
         try:
             with ThreadPoolExecutor(max_workers=len(slots)) as pool:
                 try:
@@ -197,17 +200,24 @@ class LocalGpusLauncher(Launcher):
                     self._interrupt_workers()
                     raise
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            if main:  # None: a handler set outside Python, which Python cannot put back
+                signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
     def _interrupt_workers(self, grace_s: float = 5.0) -> None:
         """Ctrl-C in a terminal reaches the workers too (one process group); a SIGINT or SIGTERM
         sent to this process alone does not. Workers still running after ``grace_s`` get one
-        SIGINT: they record themselves as interrupted and exit, and a rerun resumes them."""
+        SIGINT: they record themselves as interrupted and exit, and a rerun resumes them. A
+        second signal while waiting sends it at once."""
         deadline = time.monotonic() + grace_s
         for proc in list(self._live):
             try:
                 proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
+                pass
+            except KeyboardInterrupt:
+                break
+        for proc in list(self._live):
+            if proc.poll() is None:
                 proc.send_signal(signal.SIGINT)
 
     def _run_worker(self, job: _Job, task: dict, gpu: Optional[str], threads: int) -> JobReturn:
