@@ -360,6 +360,13 @@ def test_a_sweep_whose_job_names_pass_the_file_name_limit_is_refused():
         and "hydra.sweep.subdir=${hydra.job.num}" in problem
     cfg.hydra.overrides.task = [f"{k}=0.1,0.2" for k in keys[:4]]
     assert check_sweep(cfg) is None
+    # a glob's values (config names) count too, and a longer kv_sep
+    cfg.hydra.overrides.task = ["model=glob(*)", "+b=" + "x" * 240 + ",c"]
+    assert check_sweep(cfg) and check_sweep(cfg).startswith("job directories would be named by")
+    cfg.hydra.overrides.task = ["+b=" + "x" * 252 + ",c"]
+    assert check_sweep(cfg) is None  # "+b=" and 252 bytes: 255, the limit
+    cfg.hydra.job.config.override_dirname.kv_sep = "==="
+    assert check_sweep(cfg) is not None
     cfg.hydra.overrides.task = [f"{k}=0.000001,0.000002" for k in keys]
     cfg.hydra.sweep.subdir = "${hydra.job.num}"
     assert check_sweep(cfg) is None

@@ -15,6 +15,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from cnn_bench.config import CONF_DIR
 from cnn_bench.sweep.results import collect
 from cnn_bench.sweep.status import FAILED, INTERRUPTED, one_line_reason
 
@@ -53,22 +54,29 @@ def check_sweep(config: DictConfig) -> str | None:
     from hydra.core.override_parser.types import Glob
 
     longest_items = []
+    kv_sep = OmegaConf.select(config, "hydra.job.config.override_dirname.kv_sep") or "="
     for ov in overrides:
         key = ov.key_or_group
         if key in excluded and ov.is_sweep_override():
             return (f"{key} takes several values, but it is left out of job directory names "
                     f"(hydra.job.config.override_dirname.exclude_keys), so jobs would collide; "
                     f"run one sweep per {key} (each with its own hydra.sweep.dir)")
-        if key in excluded or key.startswith("hydra") or isinstance(ov.value(), Glob):
-            continue  # a glob's values are config names: short
+        if key in excluded or key.startswith("hydra"):
+            continue
         if os.sep in ov.input_line.split("=", 1)[-1]:
             log.info("%s has a path-like value: its jobs' directories nest along the path", key)
         try:
-            values = (list(ov.sweep_string_iterator()) if ov.is_sweep_override()
-                      else [ov.input_line.split("=", 1)[-1]])
+            if isinstance(ov.value(), Glob):  # a group's option names (Hydra lists them later)
+                values = ov.value().filter(sorted(f.stem for f in (CONF_DIR / key).glob("*.yaml")))
+            elif ov.is_sweep_override():
+                values = list(ov.sweep_string_iterator())
+            else:
+                values = [ov.input_line.split("=", 1)[-1]]
         except Exception:  # noqa: BLE001  (interval() and the like: a sweeper plugin's business)
             continue
-        longest_items.append(max((f"{ov.get_key_element()}={v}" for v in values), key=len))
+        if values:
+            longest_items.append(max((f"{ov.get_key_element()}{kv_sep}{v}" for v in values),
+                                     key=len))
     return _name_too_long(config, longest_items)
 
 
