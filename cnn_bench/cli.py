@@ -103,15 +103,21 @@ def _describe(ex: Exception, group_overrides: list[str], config_name: str) -> st
     return first
 
 
+# Hydra names a job after its script; the compose API would call it "app".
+JOB_NAMES = {"config": "train", "evaluate": "evaluate"}
+
+
 def compose_config(config_name: str, overrides: list[str], with_hydra: bool = False):
     """Compose ``conf/<config_name>.yaml`` with overrides outside a Hydra run (global state is
-    cleared before and after); ``with_hydra`` keeps the ``hydra`` node."""
+    cleared before and after); ``with_hydra`` keeps the ``hydra`` node, with the job named as
+    its script names it (``${hydra.job.name}``)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3",
+                                   job_name=JOB_NAMES.get(config_name, config_name)):
             return compose(config_name=config_name, overrides=overrides,
                            return_hydra_config=with_hydra)
     finally:
@@ -271,10 +277,17 @@ def check_sweep_dir(argv: list[str], config_name: str = "config") -> None:
     sweep_dir = str([ov for ov in parsed if ov.key_or_group == "hydra.sweep.dir"][-1].value())
     if "${" in sweep_dir:
         fixed = [ov.input_line for ov in parsed if not ov.is_sweep_override()]
+        from hydra.core.hydra_config import HydraConfig
+
+        saved = HydraConfig.instance().cfg
         try:
-            sweep_dir = str(compose_config(config_name, fixed, with_hydra=True).hydra.sweep.dir)
+            cfg = compose_config(config_name, fixed, with_hydra=True)
+            HydraConfig.instance().set_config(cfg)  # for ${hydra:...}
+            sweep_dir = str(cfg.hydra.sweep.dir)
         except Exception:  # noqa: BLE001  (Hydra reports an unresolvable dir itself)
             return
+        finally:
+            HydraConfig.instance().cfg = saved
     if not (Path(sweep_dir) / "multirun.yaml").is_file():
         return
     # keys that do not change what a job computes: the config's own exclude_keys

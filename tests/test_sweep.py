@@ -311,11 +311,14 @@ def test_a_sweep_with_other_fixed_settings_into_an_earlier_sweep_dir_is_refused(
                          "model.width_mult=1.0,0.5"])  # a new folder: nothing to compare
 
 
-@pytest.mark.parametrize("spelling", ["'{d}'", '"{d}"', "{parent}/${{model.name}}"])
+@pytest.mark.parametrize("spelling", ["'{d}'", '"{d}"', "{parent}/${{model.name}}",
+                                      "{parent}/speednet_${{hydra.job.name}}",
+                                      "{parent}/speednet_${{hydra:job.name}}"])
 def test_the_earlier_sweep_check_reads_the_dir_as_hydra_does(tmp_path, capsys, spelling):
     # A quoted dir, or one with an interpolation, named no folder as typed: the check passed and
     # the sweep took the earlier one's 1-epoch jobs as its own.
-    sweep = tmp_path / "speednet_s"
+    # ${hydra:job.name} is "train" in a real run of train.py (the compose API said "app")
+    sweep = tmp_path / ("speednet_train" if "job.name" in spelling else "speednet_s")
     sweep.mkdir()
     earlier = ["model=speednet_s", "trainer.epochs=1", "model.width_mult=1.0,0.5"]
     (sweep / "multirun.yaml").write_text(OmegaConf.to_yaml({"hydra": {"overrides": {"task": earlier}}}))
