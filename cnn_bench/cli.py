@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from cnn_bench.config import CONF_DIR, validate
+from cnn_bench.config import CONF_DIR, group_options, validate
 from cnn_bench.errors import CnnBenchError, did_you_mean, out_of_memory
 
 
@@ -18,6 +18,14 @@ def fail(message: str, code: int = 2) -> None:
     """Print ``error: message`` on stderr and exit: the CLI's one way to report a user mistake."""
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(code)
+
+
+def in_multirun() -> bool:
+    """Whether this runs as a job of a Hydra multirun (``-m``)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def user_errors(fn: Callable | None = None, *, sweep_jobs: bool = True) -> Callable:
@@ -35,10 +43,7 @@ def user_errors(fn: Callable | None = None, *, sweep_jobs: bool = True) -> Calla
 
     @functools.wraps(fn)
     def wrapper(cfg):
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
-        if sweep_jobs and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        if sweep_jobs and in_multirun():
             from cnn_bench.sweep.job import run_sweep_job
 
             return run_sweep_job(fn, cfg)
@@ -135,13 +140,13 @@ def _candidate_override_lists(overrides: list[str]) -> list[list[str]]:
     for ov in parsed:
         if isinstance(ov.value(), Glob):
             # glob() needs Hydra's config loader to list a group's options: list them here.
-            group = CONF_DIR / ov.key_or_group
-            if not group.is_dir():
+            choices = group_options(ov.key_or_group)
+            if not choices:
                 continue  # not a config group: Hydra reports that itself
-            names = ov.value().filter(sorted(f.stem for f in group.glob("*.yaml")))
+            names = ov.value().filter(choices)
             if not names:
                 fail(f"{ov.input_line} matches no {ov.key_or_group} config "
-                     f"({did_you_mean(ov.key_or_group, [f.stem for f in group.glob('*.yaml')])})")
+                     f"({did_you_mean(ov.key_or_group, choices)})")
             values = [f"{ov.get_key_element()}={n}" for n in names]
         elif ov.is_sweep_override():
             values = [f"{ov.get_key_element()}={v}" for v in ov.sweep_string_iterator()]

@@ -13,6 +13,11 @@ from cnn_bench.errors import CnnBenchError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
+
+def group_options(group: str) -> list[str]:
+    """A config group's options (``conf/<group>/*.yaml`` names), sorted; none for a non-group."""
+    return sorted(f.stem for f in (CONF_DIR / group).glob("*.yaml"))
+
 _INT, _FLOAT, _BOOL, _STR, _NONE = "an integer", "a number", "true or false", "a string", "null"
 
 # key -> (accepted kinds, choices or None, minimum or None)

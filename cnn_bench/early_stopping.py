@@ -33,10 +33,15 @@ def check(cfg, record: dict, state) -> str | None:
         state.es_best, state.es_wait = value, 0
         return None
     state.es_wait += 1
-    if state.es_wait >= cfg.patience:
-        # es_wait counts the epochs since the last improvement, so that one was epoch - wait
-        best = ("no finite value yet" if state.es_best is None else
-                f"best {state.es_best} at epoch {state.epoch - state.es_wait}")
-        return (f"early stopping at epoch {state.epoch}: {cfg.monitor} did not improve by more "
-                f"than {cfg.min_delta} for {cfg.patience} epochs ({best})")
-    return None
+    return exhausted(cfg, state)
+
+
+def exhausted(cfg, state) -> str | None:
+    """The stop reason when ``state.es_wait`` has used up the patience, else ``None``."""
+    if cfg is None or cfg.get("patience") is None or state.es_wait < cfg.patience:
+        return None
+    # es_wait counts the epochs since the last improvement, so that one was epoch - wait
+    best = ("no finite value yet" if state.es_best is None else
+            f"best {state.es_best} at epoch {state.epoch - state.es_wait}")
+    return (f"early stopping at epoch {state.epoch}: {cfg.monitor} did not improve by more "
+            f"than {cfg.min_delta} for {cfg.patience} epochs ({best})")

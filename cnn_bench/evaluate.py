@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 from cnn_bench.checkpoint import load_checkpoint, model_weights
+from cnn_bench.cli import in_multirun
 from cnn_bench.data import build_data
 from cnn_bench.errors import CnnBenchError
 from cnn_bench.loop import TTA_MODES, evaluate
@@ -80,13 +81,6 @@ def class_mismatch(found: list[str], trained: list[str]) -> str:
             f"({'; '.join(parts)}): point dataset_root at the data the model was trained on")
 
 
-def _multirun() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-
-
 def _log_to_tensorboard(tb_dir: Path, split: str, m: dict, step: int) -> None:
     """``eval/<split>/{acc,loss}`` at the checkpoint's step; a run folder we may not write to
     (someone else's, read-only) costs the scalars, not the evaluation."""
@@ -106,7 +100,7 @@ def run(cfg: DictConfig) -> dict:
     """
     if not cfg.get("ckpt"):
         raise CnnBenchError("ckpt=PATH is required, e.g. ckpt=outputs/<run>/checkpoints/best.pt")
-    if cfg.get("output_dir") and _multirun():
+    if cfg.get("output_dir") and in_multirun():
         raise CnnBenchError("output_dir with -m would write every job's results to one folder: "
                             "leave it unset (each checkpoint's run keeps eval/<split>/)")
     ckpt_path = Path(cfg.ckpt)

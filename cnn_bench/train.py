@@ -237,7 +237,7 @@ def run(cfg: DictConfig) -> dict:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
             atomic_link(resume.parent / "best.pt", ckpt_dir / "best.pt")
         log.info("resumed from %s at epoch %d", resume, state.epoch)
-        _recheck_early_stop(state, tr.get("early_stopping"))
+        _recheck_early_stop(state, tr.get("early_stopping"), tr.epochs)
 
     # A resumed run's wall time continues from its earlier attempts' (downtime not counted).
     wall_before = state.wall_time_s
@@ -382,25 +382,16 @@ def _diverged(model: nn.Module) -> bool:
     return bool(params) and not bool(torch.stack([p.isfinite().all() for p in params]).all())
 
 
-def _recheck_early_stop(state: TrainState, es_cfg) -> None:
-    """A checkpoint that stopped early resumes when the patience now allows more epochs
-    (``trainer.early_stopping.patience`` raised, or off); otherwise say why nothing trains."""
-    patience = None if es_cfg is None else es_cfg.get("patience")
-    if state.stop_reason is None and patience is not None and state.epoch > 0 \
-            and state.es_wait >= patience:
-        # it ran out of patience on its last scheduled epoch (no stop then): more epochs now
-        # would train past it
-        state.stop_reason = (f"early stopping at epoch {state.epoch}: {es_cfg.monitor} did not "
-                             f"improve for {state.es_wait} epochs (patience {patience})")
+def _recheck_early_stop(state: TrainState, es_cfg, epochs: int) -> None:
+    """On resume the patience now set decides: a checkpoint that stopped early goes on when it
+    allows more epochs (raised, or off); one whose patience ran out on its last scheduled epoch
+    (no stop then) stops rather than train past it when given more epochs."""
+    earlier = state.stop_reason
+    if state.epoch >= epochs or (earlier and not earlier.startswith("early stopping")):
+        return  # nothing left to train, or it diverged
+    state.stop_reason = early_stopping.exhausted(es_cfg, state)
+    if earlier and not state.stop_reason:
+        log.info("continuing past the earlier early stop (%s)", earlier)
+    elif state.stop_reason:
         log.warning("nothing to train: %s; raise trainer.early_stopping.patience to go on",
                     state.stop_reason)
-        return
-    if not (state.stop_reason or "").startswith("early stopping"):
-        return
-    if patience is None or state.es_wait < patience:
-        log.info("continuing past the earlier early stop (%s): patience now %s", state.stop_reason,
-                 patience)
-        state.stop_reason = None
-    else:
-        log.warning("nothing to train: the checkpoint stopped early (%s); raise "
-                    "trainer.early_stopping.patience to go on", state.stop_reason)

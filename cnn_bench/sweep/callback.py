@@ -15,7 +15,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from cnn_bench.config import CONF_DIR
+from cnn_bench.config import group_options
 from cnn_bench.sweep.results import collect
 from cnn_bench.sweep.status import FAILED, INTERRUPTED, one_line_reason
 
@@ -67,7 +67,7 @@ def check_sweep(config: DictConfig) -> str | None:
             log.info("%s has a path-like value: its jobs' directories nest along the path", key)
         try:
             if isinstance(ov.value(), Glob):  # a group's option names (Hydra lists them later)
-                values = ov.value().filter(sorted(f.stem for f in (CONF_DIR / key).glob("*.yaml")))
+                values = ov.value().filter(group_options(key))
             elif ov.is_sweep_override():
                 values = list(ov.sweep_string_iterator())
             else:

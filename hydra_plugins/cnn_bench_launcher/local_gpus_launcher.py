@@ -11,6 +11,7 @@ recorded as failed in its ``status.json`` and the sweep goes on; the sweep callb
 
 # No `from __future__ import annotations`: Hydra's plugin scan runs this module without
 # registering it in sys.modules, and dataclasses then cannot resolve string annotations.
+import itertools
 import logging
 import os
 import pickle
@@ -60,12 +61,7 @@ def visible_gpus() -> list[str]:
         ids = [g.strip() for g in env.split(",") if g.strip()]
         # CUDA stops at the first invalid id ("-1" is the usual way to hide every GPU): "0,-1,2"
         # is GPU 0 alone.
-        valid = []
-        for g in ids:
-            if g.startswith("-"):
-                break
-            valid.append(g)
-        return valid
+        return list(itertools.takewhile(lambda g: not g.startswith("-"), ids))
     try:
         import torch
     except ImportError:
