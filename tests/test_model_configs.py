@@ -117,6 +117,14 @@ def test_torchvision_aux_classifier_models_train(name, resolution):
         build_model({**_cfg("torchvision"), "name": name, "aux_logits": True}, NUM_CLASSES, 64)
 
 
+@pytest.mark.skipif(not HAS_TIMM, reason="timm is not installed")
+def test_timm_aux_classifier_is_refused_in_one_line():
+    # timm's inception_v3 with aux_logits returns (logits, aux) in every mode: the loss would
+    # fail on the tuple after the data was built, so it is refused when the model is.
+    with pytest.raises(CnnBenchError, match="timm inception_v3: model.aux_logits=true is not supported"):
+        build_model({**_cfg("timm"), "name": "inception_v3", "aux_logits": True}, NUM_CLASSES, 80)
+
+
 def test_torchvision_unknown_name():
     with pytest.raises(CnnBenchError, match="resnet50"):
         build_model({**_cfg("torchvision"), "name": "resnet5O"}, 10, 32)

@@ -178,6 +178,13 @@ class TimmModel(PassthroughModel):
         return self.model.forward_head(feats)
 
 
+def _refuse_aux_logits(source: str, name: str, kwargs: dict) -> None:
+    if kwargs.get("aux_logits"):
+        raise CnnBenchError(f"{source} {name}: model.aux_logits=true is not supported (the "
+                            f"trainer's loss reads the main logits only, so the auxiliary "
+                            f"classifiers would never train); leave it unset")
+
+
 def _torchvision(name: str, num_classes: int, **kwargs) -> PassthroughModel:
     import torchvision
 
@@ -186,10 +193,7 @@ def _torchvision(name: str, num_classes: int, **kwargs) -> PassthroughModel:
     if name not in available:
         raise CnnBenchError(f"unknown torchvision model '{name}': {did_you_mean(name, available)}")
     if name in TORCHVISION_NO_AUX:
-        if kwargs.get("aux_logits"):
-            raise CnnBenchError(f"torchvision {name}: model.aux_logits=true is not supported (the "
-                                f"trainer's loss reads the main logits only, so the auxiliary "
-                                f"classifiers would never train); leave it unset")
+        _refuse_aux_logits("torchvision", name, kwargs)
         kwargs = {**kwargs, "aux_logits": False}
     try:
         model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
@@ -204,6 +208,8 @@ def _timm(name: str, num_classes: int, **kwargs) -> TimmModel:
     timm = importlib.import_module("timm")
     if not timm.is_model(name.split(".")[0]):  # "arch.pretrained_tag" names are valid too
         raise CnnBenchError(f"unknown timm model '{name}': {did_you_mean(name, timm.list_models())}")
+    # timm's inception_v3 takes aux_logits too, and then returns (logits, aux) in every mode
+    _refuse_aux_logits("timm", name, kwargs)
     try:
         model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
     except TypeError as e:

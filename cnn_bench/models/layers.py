@@ -62,8 +62,9 @@ def check_choice(option: str, value: str, choices) -> str:
 def init_weights(model: nn.Module) -> None:
     """Kaiming-normal (fan_out) convs with zero bias, BN weight 1 / bias 0, linear N(0, 0.01).
 
-    torchvision's MobileNetV2 and RegNet init, used for every zoo family so that architectures
-    are compared from the same start. torchvision's own differ in three places: AlexNet keeps
+    torchvision's MobileNetV2 and RegNet init, used for every zoo family except SpeedNet (which,
+    like airbench, keeps PyTorch's default init) so that architectures are compared from the
+    same start. torchvision's own differ in three places: AlexNet keeps
     PyTorch's default init, ResNet's ``fc`` the default Linear init, RegNetY's SE conv biases
     their default init."""
     for m in model.modules():
