@@ -78,7 +78,8 @@ def apply_finetune(model: nn.Module, cfg) -> FreezePlan:
     if mode != "full":
         keep = _trainable_prefixes(model, mode, int(cfg.get("unfreeze_stages", 0)))
         for name, p in model.named_parameters():
-            p.requires_grad_(any(_owns(k, name) for k in keep))
+            if not any(_owns(k, name) for k in keep):  # never unfreezes what the model froze
+                p.requires_grad_(False)
         # Frozen = the largest modules with no trainable parameter below them (and not a
         # parent of a trainable module), so whole blocks, BN layers included, go to eval mode.
         trainable = [n for n, p in model.named_parameters() if p.requires_grad]

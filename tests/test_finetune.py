@@ -255,3 +255,24 @@ def test_passthrough_stages_split_a_part_holding_nearly_everything():
     resnet = build_model({"source": "torchvision", "name": "resnet18"}, 10, 32)
     assert resnet.stage_names == ["model.conv1", "model.bn1",
                                   *(f"model.layer{i}" for i in range(1, 5))]
+
+
+@pytest.mark.parametrize("mode, stages", [("partial", 1), ("partial", 3), ("head", 0)])
+def test_finetune_never_unfreezes_what_the_model_froze(mode, stages):
+    # speednet's bn_scale=false and whitening stem are frozen by the model itself; unfreezing a
+    # stage must leave them frozen (BN scales moved off 1 under finetune=partial before).
+    from cnn_bench.finetune import apply_finetune
+    from cnn_bench.models import build_model
+
+    model = build_model({"source": "zoo", "name": "speednet_s", "bn_scale": False, "whiten": True},
+                        3, 32)
+    frozen_by_model = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert any(n.endswith("bn1.weight") for n in frozen_by_model) and len(frozen_by_model) > 3
+    apply_finetune(model, {"mode": mode, "unfreeze_stages": stages})
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert not trainable & frozen_by_model
+    head = model.classifier_name
+    assert {n for n in trainable if not n.startswith(head + ".")} == (
+        {n for n, _ in model.named_parameters() if n.startswith(tuple(
+            s + "." for s in model.stage_names[len(model.stage_names) - stages:]))} - frozen_by_model
+        if stages else set())
