@@ -2,7 +2,8 @@
 
 Writes a checkpoint's model weights alone (no optimizer or RNG state), for sharing: the weights
 ``evaluate.py`` scores, i.e. the EMA weights of runs with ``trainer.ema_decay`` unless
-``use_ema=false``. The safetensors file carries the run's config and class names as metadata.
+``use_ema=false``. The safetensors file carries as metadata the run's config, class names, input normalisation
+(``mean``, ``std``) and the model config as built (``model``: ``stem: auto`` resolved).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from omegaconf import OmegaConf
 from cnn_bench.checkpoint import atomic_save, atomic_write, load_checkpoint, model_weights
 from cnn_bench.cli import fail
 from cnn_bench.errors import CnnBenchError, did_you_mean
+from cnn_bench.models.build import trained_model_config
 
 FORMATS = {"safetensors": ".safetensors", "pt": ".pt"}
 
@@ -47,9 +49,14 @@ def export(ckpt: str | Path, fmt: str = "safetensors", out: str | Path | None = 
     if fmt == "safetensors":
         from safetensors.torch import save
 
+        # What a reader needs to feed the weights: the normalisation they were trained with
+        # (measured or a pretrained source's: not always the config's dataset.mean/std) and the
+        # model as built (stem: auto resolved), besides the run's config.
+        model = trained_model_config(OmegaConf.create(ck["config"]).model, int(ck["resolution"]))
         meta = {"format": "cnn_bench.weights/1", "config": ck["config"],
                 "classes": json.dumps(ck["classes"]), "num_classes": str(ck["num_classes"]),
-                "resolution": str(ck["resolution"]), "weights": which}
+                "resolution": str(ck["resolution"]), "mean": json.dumps(list(ck["mean"])),
+                "std": json.dumps(list(ck["std"])), "model": json.dumps(model), "weights": which}
         atomic_write(out, lambda f: f.write(save(state, metadata=meta)))
     else:
         atomic_save(state, out)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -23,17 +24,26 @@ def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_safetensors_export_round_trips(tiny_folder, tmp_path):
-    cfg = compose_config(tiny_overrides(tiny_folder, tmp_path, "trainer.epochs=1"))
+    cfg = compose_config(tiny_overrides(tiny_folder, tmp_path, "trainer.epochs=1",
+                                        "dataset.mean=null", "dataset.std=null"))
     train_mod.run(cfg)
     ckpt = tmp_path / "checkpoints" / "best.pt"
     out = tmp_path / "exported.safetensors"
     proc = _cli("cnn_bench.export", f"ckpt={ckpt}", "format=safetensors", f"out={out}")
     assert proc.returncode == 0, proc.stderr
     assert out.is_file() and str(out) in proc.stdout
-    with safe_open(str(out), "pt") as f:
-        assert f.metadata()["num_classes"] == "3"
-
     ck = load_checkpoint(ckpt)
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    assert meta["num_classes"] == "3"
+    # what a reader needs to feed the weights: the normalisation they were trained with (here
+    # measured: the config says null) and the model as built (stem auto -> cifar at 16 px)
+    assert cfg.dataset.mean is None
+    assert json.loads(meta["mean"]) == list(ck["mean"]) and json.loads(meta["std"]) == list(ck["std"])
+    built = json.loads(meta["model"])
+    assert cfg.model.stem == "auto" and built["stem"] == "cifar" and built["name"] == cfg.model.name
+    assert built["weights"] is None and built["pretrained"] is False
+
     trained = build_model(cfg.model, 3, 16)
     trained.load_state_dict(ck["model"])
     fresh = build_model({**dict(cfg.model), "weights": str(out)}, 3, 16)
