@@ -2,8 +2,9 @@
 
 Writes a checkpoint's model weights alone (no optimizer or RNG state), for sharing: the weights
 ``evaluate.py`` scores, i.e. the EMA weights of runs with ``trainer.ema_decay`` unless
-``use_ema=false``. The safetensors file carries as metadata the run's config, class names, input normalisation
-(``mean``, ``std``) and the model config as built (``model``: ``stem: auto`` resolved).
+``use_ema=false``. The safetensors file carries as metadata the run's config, class names,
+input normalisation (``mean``, ``std``) and the model config as built (``model``: ``stem: auto``
+resolved). A torchvision or timm passthrough's weights keep the library's own names.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from cnn_bench.checkpoint import atomic_save, atomic_write, load_checkpoint, mod
 from cnn_bench.cli import fail
 from cnn_bench.errors import CnnBenchError, did_you_mean
 from cnn_bench.models.build import trained_model_config
+from cnn_bench.models.weights import PASSTHROUGH_PREFIX
 
 FORMATS = {"safetensors": ".safetensors", "pt": ".pt"}
 
@@ -44,6 +46,11 @@ def export(ckpt: str | Path, fmt: str = "safetensors", out: str | Path | None = 
         if out.suffix.lower() != FORMATS[fmt]:  # a reader must be able to tell the format
             out = out.with_name(out.name + FORMATS[fmt])
     weights, which = model_weights(ck, use_ema)
+    run_cfg = OmegaConf.create(ck["config"])
+    if (run_cfg.model.get("source") or "zoo") != "zoo":
+        # A passthrough wraps the library's model as ``model``: its file gets the library's own
+        # names, so torchvision's or timm's builder loads it as is (model.weights= takes both).
+        weights = {k.removeprefix(PASSTHROUGH_PREFIX): v for k, v in weights.items()}
     # safetensors refuses views into shared storage; contiguous copies are what a reader wants.
     state = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
     if fmt == "safetensors":
@@ -52,7 +59,7 @@ def export(ckpt: str | Path, fmt: str = "safetensors", out: str | Path | None = 
         # What a reader needs to feed the weights: the normalisation they were trained with
         # (measured or a pretrained source's: not always the config's dataset.mean/std) and the
         # model as built (stem: auto resolved), besides the run's config.
-        model = trained_model_config(OmegaConf.create(ck["config"]).model, int(ck["resolution"]))
+        model = trained_model_config(run_cfg.model, int(ck["resolution"]))
         meta = {"format": "cnn_bench.weights/1", "config": ck["config"],
                 "classes": json.dumps(ck["classes"]), "num_classes": str(ck["num_classes"]),
                 "resolution": str(ck["resolution"]), "mean": json.dumps(list(ck["mean"])),

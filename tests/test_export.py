@@ -103,3 +103,25 @@ def test_stats_cli_refuses_what_it_would_ignore(args, message):
     proc = _cli("cnn_bench.stats", *args)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith(f"error: {message}") and "\n" not in proc.stderr.strip()
+
+
+def test_a_passthrough_export_loads_into_the_librarys_own_model(tiny_folder, tmp_path):
+    # The wrapper's "model." prefix made the shared file unloadable by torchvision itself.
+    import torchvision
+    from safetensors.torch import load_file
+
+    cfg = compose_config(tiny_overrides(tiny_folder, tmp_path, "trainer.epochs=1", "model=torchvision",
+                                        "model.name=resnet18"))
+    train_mod.run(cfg)
+    ckpt = tmp_path / "checkpoints" / "best.pt"
+    out = tmp_path / "tv.safetensors"
+    assert _cli("cnn_bench.export", f"ckpt={ckpt}", f"out={out}").returncode == 0
+    plain = torchvision.models.resnet18(num_classes=3)
+    plain.load_state_dict(load_file(str(out)))  # strict
+    trained = build_model(cfg.model, 3, 16)
+    trained.load_state_dict(load_checkpoint(ckpt)["model"])
+    again = build_model({**dict(cfg.model), "weights": str(out)}, 3, 16)
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = trained.eval()(x)
+        assert torch.equal(plain.eval()(x), want) and torch.equal(again.eval()(x), want)
