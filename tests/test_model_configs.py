@@ -125,6 +125,14 @@ def test_timm_aux_classifier_is_refused_in_one_line():
         build_model({**_cfg("timm"), "name": "inception_v3", "aux_logits": True}, NUM_CLASSES, 80)
 
 
+@pytest.mark.skipif(not HAS_TIMM, reason="timm is not installed")
+def test_timm_distilled_models_with_two_heads_are_refused_in_one_line():
+    # Their pretrained_cfg names two classifiers: a tuple that ended in an AttributeError.
+    with pytest.raises(CnnBenchError, match="has 2 classifier heads .head, head_dist.*"
+                                            "deit_tiny_patch16_224"):
+        build_model({**_cfg("timm"), "name": "deit_tiny_distilled_patch16_224"}, NUM_CLASSES, 224)
+
+
 def test_torchvision_unknown_name():
     with pytest.raises(CnnBenchError, match="resnet50"):
         build_model({**_cfg("torchvision"), "name": "resnet5O"}, 10, 32)

@@ -159,8 +159,16 @@ class TimmModel(PassthroughModel):
     model's start."""
 
     def __init__(self, model: nn.Module, num_classes: int):
-        super().__init__(model, num_classes, "timm")
         cfg_classifier = getattr(model, "pretrained_cfg", {}).get("classifier") or ""
+        if isinstance(cfg_classifier, (tuple, list)):
+            # Distilled models (DeiT *_distilled_*, LeViT) average two heads: fine-tuning,
+            # head_lr_mult and a classifier swap would each reach only one of them.
+            arch = model.pretrained_cfg.get("architecture") or type(model).__name__
+            raise CnnBenchError(
+                f"timm model '{arch}' has "
+                f"{len(cfg_classifier)} classifier heads ({', '.join(cfg_classifier)}); cnn_bench "
+                f"trains models with one: pick a variant without distillation (e.g. deit_tiny_patch16_224)")
+        super().__init__(model, num_classes, "timm")
         classifier = _submodule_path(model, cfg_classifier)
         if classifier and isinstance(model.get_submodule(classifier), (nn.Linear, nn.Conv2d)):
             self.classifier_name = "model." + classifier
