@@ -27,7 +27,7 @@ from cnn_bench.finetune import apply_finetune
 from cnn_bench.lookahead import Lookahead
 from cnn_bench.loop import (StepModel, TrainState, compile_warmup, evaluate, first_batch,
                              train_one_epoch)
-from cnn_bench.models.build import build_model
+from cnn_bench.models.build import build_model, trained_model_config
 from cnn_bench.models.pretrained import pretrained_normalization
 from cnn_bench.models.profile import count_flops, count_params
 from cnn_bench.optim import (build_optimizer, build_scheduler, load_optimizer_state,
@@ -153,7 +153,11 @@ def run(cfg: DictConfig) -> dict:
     # Re-seed after the data is built: initial weights then depend only on the seed and the
     # model config, so runs that differ only in data settings (resolution) start identical.
     seed_everything(tr.seed)
-    model = build_model(cfg.model, data.num_classes, res)
+    resume = _resume_path(cfg, out)
+    # A resumed run takes every weight from its checkpoint: the initial weights file (or the
+    # pretrained download) is not read again, so it may have moved or gone since.
+    model = build_model(trained_model_config(cfg.model, res) if resume else cfg.model,
+                        data.num_classes, res)
     freeze = apply_finetune(model, cfg.get("finetune"))
     params, trainable = count_params(model), count_params(model, trainable_only=True)
     flops = count_flops(model, res)
@@ -169,7 +173,6 @@ def run(cfg: DictConfig) -> dict:
     if len(data.train) == 0:
         raise CnnBenchError(f"the training split has {data.train.num_samples} images: too few "
                             f"for one batch; lower trainer.batch_size")
-    resume = _resume_path(cfg, out)
     if resume is None and cfg.model.get("weights") is None and not cfg.model.get("pretrained"):
         _init_from_data(model, data.train)
     steps_per_epoch = len(data.train) if tr.limit_train_batches is None else min(

@@ -248,7 +248,9 @@ def test_passthrough_stages_split_a_part_holding_nearly_everything():
     assert trains == ["model.encoder.layers.11.bias", "model.encoder.layers.11.weight",
                       "model.encoder.ln.bias", "model.encoder.ln.weight",
                       "model.heads.head.bias", "model.heads.head.weight"]
-    # every stage unfrozen: everything trains, the tokens held by the model and encoder too
+    # every stage unfrozen: everything trains, the tokens held by the model and encoder too (a
+    # fresh model: apply_finetune only freezes)
+    vit = PassthroughModel(_TinyViT(), 10, "torchvision")
     apply_finetune(vit, {"mode": "partial", "unfreeze_stages": len(vit.stage_names)})
     assert all(p.requires_grad for p in vit.parameters())
     # ResNet's layer4 (63-75% of the parameters) stays one stage

@@ -308,3 +308,13 @@ def test_head_finetune_from_weights_file_trains_only_the_head(tiny_folder, tmp_p
         if k not in head:
             assert torch.equal(v, file[k]), k  # frozen: bitwise, BN statistics included
     assert all(not torch.equal(final[k], initial[k]) for k in head)  # the head trained
+
+    # A resume takes every weight from last.pt: the initial file may be gone by then (it was
+    # read again, and the run ended in "model.weights: no file at ...").
+    path.unlink()
+    resumed = compose_config(tiny_overrides(tiny_folder, tmp_path / "run", f"model.weights={path}",
+                                            "finetune=head", "trainer.epochs=2", "trainer.resume=auto"))
+    assert train_mod.run(resumed)["epochs"] == 2
+    final2 = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["model"]
+    assert all(torch.equal(v, file[k]) for k, v in final2.items() if k not in head)
+    assert not torch.equal(final2["fc.weight"], final["fc.weight"])
