@@ -133,38 +133,6 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def reset_peak_memory(device: torch.device) -> None:
-    """Start a new peak-memory window (CUDA allocator peak, or the process's peak RSS on CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:  # Linux >= 4.0: writing 5 resets VmHWM (the peak resident set size) of this process
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak since :func:`reset_peak_memory`, MiB: CUDA tensors allocated, or CPU peak RSS.
-
-    On CPU the figure is the whole process (libraries, data, model), so compare it between
-    paths of one run, not with CUDA figures.
-    """
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        found = re.search(r"VmHWM:\s+(\d+)\s+kB", Path("/proc/self/status").read_text())
-        if found:
-            return int(found.group(1)) / 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
 # --------------------------------------------------------------------------- subprocesses
 
 @dataclass

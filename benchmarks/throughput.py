@@ -45,6 +45,7 @@ from torch import nn
 
 from benchmarks import common
 from cnn_bench.config import CONF_DIR
+from cnn_bench.runtime import peak_memory_mb, reset_peak_memory
 
 DEFAULT_CPU = ["speednet_s:32:128", "resnet18:32:64", "mobilenet_v2:32:64"]
 DEFAULT_GPU = ["resnet50:224:256:bf16", "resnet18:32:512:bf16", "speednet:32:1024:bf16"]
@@ -160,13 +161,13 @@ def run_cnn_bench(cfg, rt, images, labels, num_classes, args, seed: int, loader_
         return out
 
     epoch(args.warmup_steps)                       # untimed: allocator, cudnn autotune, compile
-    common.reset_peak_memory(rt.device)
+    reset_peak_memory(rt.device)
     train = epoch(args.steps)
     # through the step model, compiled as the trainer's evaluation is; one untimed batch first
     # compiles the eval graph (the plain loop below does the same)
     evaluate(step_model, eval_loader, criterion, rt, num_classes, limit=1)
     ev = evaluate(step_model, eval_loader, criterion, rt, num_classes, limit=args.eval_steps)
-    peak = common.peak_memory_mb(rt.device)
+    peak = peak_memory_mb(rt.device)
 
     # The loader alone: what the data path costs per step, with the trained augmentation or
     # (--loader-experiment) a recipe's, e.g. the speedrun's reflect crops and alternating flips.
@@ -208,11 +209,11 @@ def run_plain(cfg, rt, images, labels, num_classes, args, seed: int) -> dict:
     data_init(model, next(iter(batches(True)))[0])
     kw = {"device": rt.device, "amp_dtype": amp_dtype}
     common.plain_train(fn, opt, batches(True), scaler=scaler, limit=args.warmup_steps, **kw)
-    common.reset_peak_memory(rt.device)
+    reset_peak_memory(rt.device)
     train = common.plain_train(fn, opt, batches(True), scaler=scaler, limit=args.steps, **kw)
     common.plain_evaluate(fn, batches(False), limit=1, **kw)
     ev = common.plain_evaluate(fn, batches(False), limit=args.eval_steps, **kw)
-    peak = common.peak_memory_mb(rt.device)
+    peak = peak_memory_mb(rt.device)
     return {"train_ips": train["images"] / train["seconds"],
             "eval_ips": ev["images"] / ev["seconds"], "peak_mb": peak}
 

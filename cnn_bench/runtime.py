@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import random
+import re
+import resource
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -100,3 +103,33 @@ def set_rng_state(state: dict) -> None:
         # a checkpoint from a machine with more GPUs holds more states than this one has GPUs
         for i, s in enumerate(state["cuda"][:torch.cuda.device_count()]):
             torch.cuda.set_rng_state(s, i)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory window (CUDA allocator peak, or the process's peak RSS on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # Linux >= 4.0: writing 5 resets VmHWM (the peak resident set size) of this process
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak since :func:`reset_peak_memory`, MiB: CUDA tensors allocated, or CPU peak RSS.
+
+    On CPU the figure is the whole process (libraries, data, model), so compare it between
+    paths of one run, not with CUDA figures.
+    """
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        found = re.search(r"VmHWM:\s+(\d+)\s+kB", Path("/proc/self/status").read_text())
+        if found:
+            return int(found.group(1)) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB

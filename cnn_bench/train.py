@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-import resource
 import time
 from pathlib import Path
 
@@ -33,7 +32,8 @@ from cnn_bench.models.profile import count_flops, count_params
 from cnn_bench.optim import (build_optimizer, build_scheduler, load_optimizer_state,
                              load_scheduler_state)
 from cnn_bench.runlog import RunLog, write_json
-from cnn_bench.runtime import resolve_runtime, rng_state, seed_everything, set_rng_state
+from cnn_bench.runtime import (peak_memory_mb, reset_peak_memory, resolve_runtime, rng_state,
+                               seed_everything, set_rng_state)
 
 log = logging.getLogger("cnn_bench")
 
@@ -73,12 +73,6 @@ def _resume_path(cfg: DictConfig, out: Path) -> Path | None:
     if not path.exists():
         raise CnnBenchError(f"trainer.resume: no checkpoint at {path}")
     return path
-
-
-def _peak_mem_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def _hparams(cfg: DictConfig, rt) -> dict:
@@ -128,8 +122,7 @@ def run(cfg: DictConfig) -> dict:
     _write_config(out, cfg)
     tr = cfg.trainer
     rt = resolve_runtime(tr)
-    if rt.device.type == "cuda":  # peak_mem_mb is this run's, not the process's (a sweep's jobs)
-        torch.cuda.reset_peak_memory_stats(rt.device)
+    reset_peak_memory(rt.device)  # peak_mem_mb is this run's, not the process's (a sweep's jobs)
     if tr.compile:
         # Runs in one process (Hydra's basic sweep launcher, a notebook) add their graphs to
         # the same code objects' caches: past dynamo's recompile limit (8) a later run would
@@ -355,7 +348,7 @@ def run(cfg: DictConfig) -> dict:
         "test_acc": test_acc, "test_loss": test_loss,
         "wall_time_s": wall_before + time.perf_counter() - t_start,
         "train_images_per_s": state.train_images / max(state.train_time_s, 1e-9),
-        "peak_mem_mb": _peak_mem_mb(rt.device), "device": str(rt.device),
+        "peak_mem_mb": peak_memory_mb(rt.device), "device": str(rt.device),
         "precision": rt.precision, "channels_last": rt.channels_last, "compile": bool(tr.compile),
         "compile_mode": tr.get("compile_mode", "default") if tr.compile else None,
         "compile_s": state.compile_s, "ema_decay": tr.get("ema_decay"),

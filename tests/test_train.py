@@ -334,3 +334,16 @@ def test_hparams_carry_every_overridden_key():
         HydraConfig.instance().cfg = None
     assert hp["optimizer.momentum"] == 0.5 and hp["augmentation.label_smoothing"] == 0.2
     assert hp["model.name"] == "resnet18" and "model" not in hp  # a group: named by model.name
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/clear_refs"),
+                    reason="needs Linux's /proc/self/clear_refs to reset the peak RSS")
+def test_cpu_peak_memory_is_the_runs_not_the_processs(tiny_folder, tmp_path):
+    # A sweep's jobs share one process: each reported the peak of every job before it.
+    from cnn_bench.runtime import peak_memory_mb
+
+    spike = torch.ones(768 * 2**20 // 4)  # 768 MiB touched, then freed (returned to the OS)
+    del spike
+    process_peak = peak_memory_mb(torch.device("cpu"))
+    summary = train_mod.run(compose_config(tiny_overrides(tiny_folder, tmp_path, "trainer.epochs=1")))
+    assert 0 < summary["peak_mem_mb"] < process_peak - 400
