@@ -87,7 +87,7 @@ class RunLog:
     def epoch(self, step: int, record: dict) -> None:
         """Log one epoch's record (keys like ``train/loss``) to TensorBoard and metrics.jsonl."""
         for k, v in record.items():
-            if isinstance(v, (int, float)) and k != "epoch" and v is not None:
+            if isinstance(v, (int, float)) and k not in ("epoch", "step") and v is not None:
                 self.tb.add_scalar(k, v, step)
         with self.metrics_path.open("a") as f:
             f.write(_jsonl(record))

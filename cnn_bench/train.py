@@ -287,7 +287,9 @@ def run(cfg: DictConfig) -> dict:
                   "val/loss": val_m["loss"], "val/acc": val_m["acc"],
                   "lr": train_m["lr"], "epoch_time_s": train_m["seconds"],
                   "val_time_s": val_m.get("seconds"),
-                  "train/images_per_s": train_m["images"] / max(train_m["seconds"], 1e-9)}
+                  "train/images_per_s": train_m["images"] / max(train_m["seconds"], 1e-9),
+                  # the run's wall time so far, all attempts (a sweep report's unfinished jobs)
+                  "wall_time_s": wall_before + time.perf_counter() - t_start}
         if state.epoch == first_epoch:
             record["compile_s"] = compile_s  # TensorBoard tag compile_s, like epoch_time_s
         state.history.append({k: v for k, v in record.items()})

@@ -26,7 +26,8 @@ def fake_job(job: Path, status: str | None, model: str = "mobilenet_v2", width: 
            "trainer": {"epochs": 2}}
     (job / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     lines = [{"epoch": i + 1, "train/acc": a - 0.1, "train/loss": 1.0, "val/acc": a,
-              "val/loss": 2.0 - a, "epoch_time_s": 2.0, "train/images_per_s": 100.0}
+              "val/loss": 2.0 - a, "epoch_time_s": 2.0, "train/images_per_s": 100.0,
+              "wall_time_s": 3.0 * (i + 1)}
              for i, a in enumerate(val_accs)]
     if lines:
         (job / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
@@ -64,6 +65,7 @@ def test_report_on_a_partly_failed_running_sweep(tmp_path):
     running = rows["model=mobilenet_v1,res=96"]
     assert running.status == "running" and running.final_val_acc == 0.4 and running.epochs == 1
     assert running.max_epochs == 2 and running.params is None and running.images_per_s == 100.0
+    assert running.wall_time_s == 3.0  # the run's wall time so far, not its epochs' 2.0 s
     failed = rows["model=mobilenet_v1,res=128"]
     assert failed.status == FAILED and failed.best_val_acc is None and failed.resolution == 128
     assert rows["nested/model=mobilenet_v1,width=0.5"].status == DONE
@@ -146,3 +148,21 @@ def test_report_cli_errors_are_one_line(tmp_path):
     p = subprocess.run([sys.executable, "-m", "cnn_bench.report", str(tmp_path / "missing")],
                        cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and p.stderr.strip() == f"error: no sweep directory at {tmp_path / 'missing'}"
+
+
+def test_figures_mark_the_same_pareto_front_as_results_md(tmp_path, monkeypatch):
+    # A diverged job writes summary.json (FLOPs, a finite best) and is marked failed: the
+    # figures circled it on their front while results.md left it out.
+    from cnn_bench.sweep import plots
+    from cnn_bench.sweep.results import collect
+
+    sweep = tmp_path / "sweep"
+    fake_job(sweep / "a", DONE, val_accs=(0.5, 0.6), flops=2 * 10**8)
+    fake_job(sweep / "b", FAILED, val_accs=(0.7, 0.8), flops=10**8, reason="training diverged")
+    rows = collect(sweep)
+    fronts = []
+    real = plots.pareto_front
+    monkeypatch.setattr(plots, "pareto_front", lambda rs, x="flops": fronts.append(real(rs, x=x)) or fronts[-1])
+    plots.acc_vs_flops(rows)
+    plots.acc_vs_params(rows)
+    assert [[r.job for r in f] for f in fronts] == [["a"], ["a"]]

@@ -81,6 +81,11 @@ def test_tensorboard_has_scalars(trained):
     assert len(set(step_lr.values())) > 2
     for ln in lines:
         assert ln["lr"] == pytest.approx(step_lr[ln["step"]], rel=1e-6)
+    # wall time so far, per epoch: beyond the epochs' own time (evaluation, start-up)
+    walls = [ln["wall_time_s"] for ln in lines]
+    assert walls[0] > lines[0]["epoch_time_s"] and walls[1] > walls[0] + lines[1]["epoch_time_s"]
+    assert walls[-1] <= summary["wall_time_s"] and "wall_time_s" in tags
+    assert "step" not in tags  # the x-axis itself is no scalar
 
 
 def test_evaluate_reproduces_final_val_acc(trained):

@@ -100,7 +100,8 @@ def _acc_vs(rows: list[JobRow], key: str, scale: float, group: str, along: str,
     pts = _plottable(rows, key)
     if pts:
         _lines(ax, pts, key, scale, group=group, along=along)
-        _mark_front(ax, pts, key, scale)
+        # finished jobs only, as results.md's front: a diverged job has FLOPs and a best too
+        _mark_front(ax, [r for r in pts if r.status == DONE], key, scale)
         _log_if_wide(ax, [getattr(r, key) / scale for r in pts])
     else:
         _empty(ax)
@@ -123,7 +124,7 @@ def acc_vs_params(rows: list[JobRow]) -> Figure:
 def heatmap_cells(rows: list[JobRow], widths: list, ress: list) -> tuple[list, list]:
     """(grid of best val accuracy in %, cell labels) for one model's rows: jobs that share a
     cell (seeds, other settings) are averaged, their count shown as ``(n=2)``; ``*`` marks a
-    cell with an unfinished job; a cell with no accuracy yet shows its job's status."""
+    cell with a job not done (running, interrupted, failed); a cell with no accuracy yet shows its job's status."""
     cells: dict[tuple[int, int], list[JobRow]] = {}
     for r in rows:
         if r.resolution is not None:
@@ -174,7 +175,7 @@ def width_resolution_heatmap(rows: list[JobRow]) -> Figure:
         ax.set_title(model)
     if image is not None:
         fig.colorbar(image, ax=list(axes), label="best val accuracy (%)", shrink=0.9)
-    fig.suptitle("Best val accuracy (%); * unfinished", fontsize=9)
+    fig.suptitle("Best val accuracy (%); * not done (running, interrupted or failed)", fontsize=9)
     return fig
 
 

@@ -146,7 +146,9 @@ def read_job(sweep_dir: str | Path, job: Path) -> JobRow:
         seconds = sum(m.get("epoch_time_s") or 0.0 for m in metrics)
         images = sum((m.get("train/images_per_s") or 0.0) * (m.get("epoch_time_s") or 0.0)
                      for m in metrics)
-        row.wall_time_s = seconds or None
+        # wall time includes evaluation, start-up and checkpoints: not the epochs' sum (records
+        # of older runs lack it, and their cell stays empty)
+        row.wall_time_s = _finite(last.get("wall_time_s"))
         row.images_per_s = images / seconds if seconds else None
     if summary:
         for key in ("params", "flops", "best_val_acc", "best_epoch", "final_val_acc",
