@@ -278,10 +278,12 @@ def run(cfg: DictConfig) -> dict:
         state.epoch += 1
         state.train_time_s += train_m["seconds"]
         state.train_images += train_m["images"]
+        diverged = _diverged(model)
+        # Weights gone non-finite have no accuracy: their argmax "accuracy" is one class's share.
         val_m = (evaluate(eval_model, val_loader, eval_criterion, rt, data.num_classes,
                           limit=tr.limit_val_batches, desc=val_name, progress=tr.progress,
                           tta=tta)
-                 if val_loader is not None else {"loss": math.nan, "acc": math.nan})
+                 if val_loader is not None and not diverged else {"loss": math.nan, "acc": math.nan})
         record = {"epoch": state.epoch, "step": state.global_step,
                   "train/loss": train_m["loss"], "train/acc": train_m["acc"],
                   "val/loss": val_m["loss"], "val/acc": val_m["acc"],
@@ -297,9 +299,8 @@ def run(cfg: DictConfig) -> dict:
         log.info("epoch %d/%d  train loss %.4f acc %.4f | %s loss %.4f acc %.4f | %.1fs, %.0f img/s",
                  state.epoch, tr.epochs, train_m["loss"], train_m["acc"], val_name, val_m["loss"],
                  val_m["acc"], train_m["seconds"], record["train/images_per_s"])
-        diverged = _diverged(model)
         # NaN never counts as an improvement (comparisons with NaN are False), and weights
-        # gone non-finite never become the best (their argmax "accuracy" is one class's share).
+        # gone non-finite never become the best.
         # With nothing to validate on, the latest weights are the best we know (Lightning's
         # monitor=None).
         is_best = not diverged and (val_loader is None or val_m["acc"] > state.best_metric

@@ -140,6 +140,9 @@ def test_a_diverged_run_stops_and_fails_keeping_its_finite_best(tiny_folder, tmp
     assert at < 4 and summary["epochs"] == at  # stopped there
     assert summary["stop_reason"].startswith(f"training diverged at epoch {at}")
     assert summary["best_epoch"] < at
+    # non-finite weights have no accuracy (their argmax gave one class's share as "final")
+    last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["val/acc"] is None and summary["final_val_acc"] is None
     best = tmp_path / "checkpoints" / "best.pt"
     assert best.exists() == (summary["best_epoch"] >= 1)
     if best.exists():  # an earlier epoch's weights, still finite
