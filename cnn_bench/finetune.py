@@ -74,9 +74,13 @@ def apply_finetune(model: nn.Module, cfg) -> FreezePlan:
     mode = cfg.get("mode", "full") if cfg is not None else "full"
     if mode not in MODES:
         raise CnnBenchError(f"finetune.mode must be one of {', '.join(MODES)}; got '{mode}'")
+    stages = int(cfg.get("unfreeze_stages", 0)) if cfg is not None else 0
+    if stages and mode != "partial":  # head and full would ignore it without a word
+        raise CnnBenchError(f"finetune.unfreeze_stages={stages} applies to finetune=partial only; "
+                            f"use finetune=partial finetune.unfreeze_stages={stages}")
     plan = FreezePlan(mode)
     if mode != "full":
-        keep = _trainable_prefixes(model, mode, int(cfg.get("unfreeze_stages", 0)))
+        keep = _trainable_prefixes(model, mode, stages)
         for name, p in model.named_parameters():
             if not any(_owns(k, name) for k in keep):  # never unfreezes what the model froze
                 p.requires_grad_(False)

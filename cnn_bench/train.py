@@ -162,6 +162,11 @@ def run(cfg: DictConfig) -> dict:
         log.info("finetune=%s: %d parameters train, %d frozen; frozen modules (eval mode): %s",
                  freeze.mode, freeze.trainable_params, freeze.frozen_params,
                  ", ".join(freeze.frozen))
+        if resume is None and cfg.model.get("weights") is None and not cfg.model.get("pretrained"):
+            log.warning("finetune=%s freezes %d parameters that start from a random "
+                        "initialisation (no model.pretrained or model.weights): they will learn "
+                        "nothing; load weights, or train everything with finetune=full",
+                        freeze.mode, freeze.frozen_params)
 
     if len(data.train) == 0:
         raise CnnBenchError(f"the training split has {data.train.num_samples} images: too few "

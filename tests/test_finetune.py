@@ -35,9 +35,13 @@ def _changed(init: dict, final: dict) -> set[str]:
     return {k for k in init if not torch.equal(init[k], final[k])}
 
 
-def test_head_trains_only_the_classifier(tiny_folder, tmp_path, monkeypatch):
+def test_head_trains_only_the_classifier(tiny_folder, tmp_path, monkeypatch, caplog):
     cfg = compose_config(tiny_overrides(tiny_folder, tmp_path, "finetune=head", "trainer.epochs=1"))
-    cap, final, summary = _train_capturing_init(monkeypatch, cfg)
+    with caplog.at_level("WARNING", logger="cnn_bench"):
+        cap, final, summary = _train_capturing_init(monkeypatch, cfg)
+    # no weights were loaded: the frozen backbone is random, and the user is told so
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.startswith("finetune=head freezes") and "random" in warning
     head = cap["model"].classifier_name
     changed = _changed(cap["init"], final)
     head_keys = {k for k in cap["init"] if k.startswith(head + ".")}
@@ -281,3 +285,13 @@ def test_finetune_never_unfreezes_what_the_model_froze(mode, stages):
         {n for n, _ in model.named_parameters() if n.startswith(tuple(
             s + "." for s in model.stage_names[len(model.stage_names) - stages:]))} - frozen_by_model
         if stages else set())
+
+
+@pytest.mark.parametrize("mode", ["head", "full"])
+def test_unfreeze_stages_outside_partial_is_one_line(mode):
+    # finetune=head finetune.unfreeze_stages=2 trained the head alone without a word
+    from cnn_bench.errors import CnnBenchError
+    from cnn_bench.finetune import apply_finetune
+
+    with pytest.raises(CnnBenchError, match="unfreeze_stages=2 applies to finetune=partial only"):
+        apply_finetune(_TapNet(False), {"mode": mode, "unfreeze_stages": 2})

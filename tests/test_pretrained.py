@@ -285,7 +285,8 @@ def test_pretrained_run_normalises_with_imagenet_stats(hub_with_resnet18, tiny_f
 
 # --- fine-tuning the head of a weights file -----------------------------------------------------
 
-def test_head_finetune_from_weights_file_trains_only_the_head(tiny_folder, tmp_path, monkeypatch):
+def test_head_finetune_from_weights_file_trains_only_the_head(tiny_folder, tmp_path, monkeypatch,
+                                                             caplog):
     path = tmp_path / "backbone.pt"
     torch.save(_perturbed(build_model(SPEEDNET, 10, 16)).state_dict(), path)
     cfg = compose_config(tiny_overrides(tiny_folder, tmp_path / "run", f"model.weights={path}",
@@ -299,7 +300,9 @@ def test_head_finetune_from_weights_file_trains_only_the_head(tiny_folder, tmp_p
         return model
 
     monkeypatch.setattr(train_mod, "build_model", capture)
-    train_mod.run(cfg)
+    with caplog.at_level("WARNING", logger="cnn_bench"):
+        train_mod.run(cfg)
+    assert not [r for r in caplog.records if "random" in r.getMessage()]  # weights were loaded
     file = torch.load(path, weights_only=True)
     final = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["model"]
     head = {k for k in final if k.startswith("fc.")}
