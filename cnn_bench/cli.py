@@ -80,6 +80,16 @@ def _flat_keys(cfg, prefix: str = "") -> list[str]:
     return keys
 
 
+def _closest_keys(key: str, keys: list[str]) -> str:
+    """``did you mean`` for a config key, also by its last part (``epochs`` -> ``trainer.epochs``,
+    ``trainer.lr`` -> ``optimizer.lr``)."""
+    last = key.rpartition(".")[2]
+    by_leaf = [k for k in keys if k.rpartition(".")[2] == last]
+    if by_leaf and key not in by_leaf:
+        return f"did you mean: {', '.join(sorted(by_leaf)[:3])}?"
+    return did_you_mean(key, keys)
+
+
 def _describe(ex: Exception, group_overrides: list[str], config_name: str) -> str:
     """Turn a Hydra composition error into one line with the closest valid choices."""
     from hydra.errors import MissingConfigException, OverrideParseException
@@ -92,11 +102,15 @@ def _describe(ex: Exception, group_overrides: list[str], config_name: str) -> st
     m = re.search(r"Could not override '([^']+)'", text)
     if m and "not in struct" in str(ex.__cause__):
         key = m.group(1)
-        try:
-            keys = _flat_keys(compose_config(config_name, group_overrides))
-        except Exception:
-            keys = []
-        return f"unknown config key '{key}': {did_you_mean(key, keys)}"
+        keys: list[str] = []
+        # the groups as chosen, else the defaults (a bad key like epochs=3 looks like a group)
+        for groups in (group_overrides, []):
+            try:
+                keys = _flat_keys(compose_config(config_name, groups))
+                break
+            except Exception:  # noqa: BLE001
+                continue
+        return f"unknown config key '{key}': {_closest_keys(key, keys)}"
     if isinstance(ex, OverrideParseException):
         line = f"cannot parse override: {text.strip().splitlines()[0]}"
         key, _, value = (getattr(ex, "override", "") or "").partition("=")
@@ -161,6 +175,41 @@ def _candidate_override_lists(overrides: list[str]) -> list[list[str]]:
     return lists
 
 
+_READ_GROUPS = ("trainer", "dataset", "optimizer", "scheduler", "augmentation", "finetune")
+
+
+def _check_override_shapes(overrides: list[str], multirun: bool, config_name: str) -> None:
+    """One line for what composes but is not what the user meant: a key given twice, several
+    values without ``-m``, a list of options for a config group, an unknown ``hydra/`` option."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception as ex:  # noqa: BLE001  (a grammar error: described below, with the rest)
+        fail(_describe(ex, [], config_name))
+    seen: dict[str, str] = {}
+    for ov in parsed:
+        key, value = ov.key_or_group, ov.input_line.partition("=")[2]
+        if ov.is_delete() and key.partition(".")[0] in _READ_GROUPS and "." in key:
+            # the trainer reads every key of these groups (a model's options are the builder's)
+            fail(f"~{key} removes a setting cnn_bench reads: give it a value instead "
+                 f"({key}=...; null where the setting allows it)")
+        if key in seen and not ov.is_delete():
+            fail(f"{key} is set twice ({seen[key]} and {value}): keep one")
+        seen[key] = value
+        if ov.is_sweep_override() and not multirun:
+            fail(f"{ov.input_line} gives several values, a sweep: add -m (python "
+                 f"{'evaluate' if config_name == 'evaluate' else 'train'}.py -m ...), or give one value")
+        if isinstance(ov.value(), list) and not key.startswith("hydra") and group_options(key):
+            fail(f"{key} takes one option, not a list: to run each, sweep them with -m "
+                 f"{ov.get_key_element()}={','.join(map(str, ov.value()))}")
+        if key.startswith("hydra/") and not ov.is_delete():
+            try:
+                compose_config(config_name, [ov.input_line], with_hydra=True)
+            except Exception as ex:  # noqa: BLE001
+                fail(_describe(ex, [], config_name))
+
+
 def check_command_line(argv: list[str], config_name: str = "config") -> None:
     """Compose the config for every value on the command line; exit with one line on a mistake."""
     from hydra._internal.utils import get_args_parser
@@ -197,6 +246,7 @@ def check_command_line(argv: list[str], config_name: str = "config") -> None:
                 fail(f"hydra.launcher.gpus takes a list of GPU ids: hydra.launcher.gpus=[{value}]")
         elif value != "null" and not (value.isdigit() and int(value) >= 1):
             fail(f"{key} must be an integer >= 1 (or null for the default), got {value!r}")
+    _check_override_shapes(args.overrides, args.multirun, config_name)
     overrides = [o for o in args.overrides if not o.startswith("hydra.") and not o.startswith("hydra/")]
     try:
         lists = _candidate_override_lists(overrides)

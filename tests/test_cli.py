@@ -29,6 +29,17 @@ def run_cli(*args: str, script: str = "train.py") -> subprocess.CompletedProcess
     (["trainer.resume=/runs/sweep/model.width_mult=0.5,trainer.seed=0/checkpoints/last.pt"],
      "quote the value: \"trainer.resume='/runs/sweep/model.width_mult=0.5,trainer.seed=0/"),
     (["augmentation=seed", "augmentation.scale=1.1"], "augmentation.scale must be a list of 2"),
+    # a key without its group is found by its last part (the list of suggestions was empty)
+    (["epochs=3"], "unknown config key 'epochs': did you mean: trainer.epochs?"),
+    (["trainer.lr=0.1"], "unknown config key 'trainer.lr': did you mean: optimizer.lr?"),
+    # what composes but is not what was meant (Hydra's multi-line errors, or a silent merge)
+    (["model.width_mult=0.5,0.25"], "model.width_mult=0.5,0.25 gives several values, a sweep: add -m"),
+    (["model=[mobilenet_v1,mobilenet_v2]"], "model takes one option, not a list: to run each, "
+                                            "sweep them with -m model=mobilenet_v1,mobilenet_v2"),
+    (["-m", "hydra/launcher=local_gpu"], "unknown hydra/launcher 'local_gpu': did you mean: local_gpus?"),
+    (["-m", "model.width_mult=0.5,0.25", "model.width_mult=0.5"],
+     "model.width_mult is set twice (0.5,0.25 and 0.5): keep one"),
+    (["~trainer.seed"], "~trainer.seed removes a setting cnn_bench reads"),
 ])
 def test_config_mistakes_exit_with_one_line(args, expected):
     p = run_cli(*args)
