@@ -283,12 +283,16 @@ def run(cfg: DictConfig) -> dict:
         state.epoch += 1
         state.train_time_s += train_m["seconds"]
         state.train_images += train_m["images"]
-        diverged = _diverged(model)
-        # Weights gone non-finite have no accuracy: their argmax "accuracy" is one class's share.
+        # Non-finite weights, or finite ones whose outputs overflow (a non-finite val loss):
+        # neither has an accuracy (the argmax of NaN logits is one class's share).
+        diverged = "non-finite weights" if _diverged(model) else None
         val_m = (evaluate(eval_model, val_loader, eval_criterion, rt, data.num_classes,
                           limit=tr.limit_val_batches, desc=val_name, progress=tr.progress,
                           tta=tta)
                  if val_loader is not None and not diverged else {"loss": math.nan, "acc": math.nan})
+        if not diverged and val_loader is not None and not math.isfinite(val_m["loss"]):
+            diverged = f"{val_name} loss {val_m['loss']}: non-finite outputs"
+            val_m["acc"] = math.nan
         record = {"epoch": state.epoch, "step": state.global_step,
                   "train/loss": train_m["loss"], "train/acc": train_m["acc"],
                   "val/loss": val_m["loss"], "val/acc": val_m["acc"],
@@ -318,7 +322,7 @@ def run(cfg: DictConfig) -> dict:
         if diverged:
             state.stop_reason = (
                 f"training diverged at epoch {state.epoch} (train loss {train_m['loss']}, "
-                f"non-finite weights): lower optimizer.lr (now {cfg.optimizer.lr}) or set "
+                f"{diverged}): lower optimizer.lr (now {cfg.optimizer.lr}) or set "
                 f"trainer.grad_clip")
         if tr.save_last:
             checkpoint(ckpt_dir / "last.pt")

@@ -134,8 +134,8 @@ def test_a_diverged_run_stops_and_fails_keeping_its_finite_best(tiny_folder, tmp
 
     from cnn_bench.errors import CnnBenchError
 
-    with pytest.raises(CnnBenchError, match=r"^training diverged at epoch \d \(train loss .*, "
-                                            r"non-finite weights\): lower optimizer.lr") as e:
+    with pytest.raises(CnnBenchError, match=r"^training diverged at epoch \d \(train loss .*"
+                                            r"non-finite (weights|outputs)\): lower optimizer.lr") as e:
         train_mod.run(compose_config(tiny_overrides(
             tiny_folder, tmp_path, "optimizer.lr=1e6", "scheduler=none", "trainer.epochs=4",
             "trainer.limit_train_batches=2")))
@@ -153,6 +153,47 @@ def test_a_diverged_run_stops_and_fails_keeping_its_finite_best(tiny_folder, tmp
         ck = load_checkpoint(best)
         assert ck["state"]["epoch"] == summary["best_epoch"]
         assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+
+
+def test_finite_weights_with_overflowing_outputs_are_a_divergence(tiny_folder, tmp_path):
+    # lr 1e6, one epoch: the weights are still finite but the logits overflow (val loss NaN);
+    # the run finished with exit 0 and scored its NaN logits' argmax as the best accuracy.
+    from cnn_bench.errors import CnnBenchError
+
+    with pytest.raises(CnnBenchError, match=r"^training diverged at epoch 1 \(train loss .*, "
+                                            r"val loss nan: non-finite outputs\)"):
+        train_mod.run(compose_config(tiny_overrides(
+            tiny_folder, tmp_path, "optimizer.lr=1e6", "scheduler=none", "trainer.epochs=1",
+            "trainer.limit_train_batches=2")))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["best_epoch"] == 0 and summary["best_val_acc"] is None
+    assert not (tmp_path / "checkpoints" / "best.pt").exists()
+
+
+def test_weights_gone_non_finite_stop_the_run_unscored(tiny_folder, tmp_path, monkeypatch):
+    # The outputs check above trips first at lr 1e6; here the weights themselves turn NaN
+    # after epoch 2 (an update past float range), so the weights check must catch it.
+    from cnn_bench.errors import CnnBenchError
+
+    real = train_mod.train_one_epoch
+
+    def poisoned(step_model, *a, **k):
+        out = real(step_model, *a, **k)
+        if a[6].epoch == 1:  # state.epoch: this was epoch 2
+            with torch.no_grad():
+                next(step_model.eager.parameters()).view(-1)[0] = math.nan
+        return out
+
+    monkeypatch.setattr(train_mod, "train_one_epoch", poisoned)
+    with pytest.raises(CnnBenchError, match=r"^training diverged at epoch 2 \(train loss .*, "
+                                            r"non-finite weights\)"):
+        train_mod.run(compose_config(tiny_overrides(tiny_folder, tmp_path, "trainer.epochs=3")))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    lines = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert summary["epochs"] == 2 and summary["best_epoch"] == 1 and summary["final_val_acc"] is None
+    assert lines[0]["val/acc"] is not None and lines[1]["val/acc"] is None
+    assert lines[1]["val_time_s"] is None  # not evaluated
+    assert load_checkpoint(tmp_path / "checkpoints" / "best.pt")["state"]["epoch"] == 1
 
 
 @pytest.mark.parametrize("value, best, mode, min_delta, expected", [
