@@ -4,12 +4,13 @@ import hydra
 from omegaconf import DictConfig
 
 from cnn_bench import cli
-from cnn_bench.evaluate import run
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 @cli.user_errors(sweep_jobs=False)
 def main(cfg: DictConfig) -> None:
+    from cnn_bench.evaluate import run  # here: a mistake on the command line is told before torch loads
+
     run(cfg)
 
 

@@ -179,7 +179,7 @@ _READ_GROUPS = ("trainer", "dataset", "optimizer", "scheduler", "augmentation", 
 
 
 def _check_override_shapes(overrides: list[str], multirun: bool, config_name: str) -> None:
-    """One line for what composes but is not what the user meant: a key given twice, several
+    """One line for what composes but is not what the user meant: a swept key set again, several
     values without ``-m``, a list of options for a config group, an unknown ``hydra/`` option."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -187,16 +187,19 @@ def _check_override_shapes(overrides: list[str], multirun: bool, config_name: st
         parsed = OverridesParser.create().parse_overrides(overrides)
     except Exception as ex:  # noqa: BLE001  (a grammar error: described below, with the rest)
         fail(_describe(ex, [], config_name))
-    seen: dict[str, str] = {}
+    seen: dict = {}  # key -> its override
     for ov in parsed:
         key, value = ov.key_or_group, ov.input_line.partition("=")[2]
         if ov.is_delete() and key.partition(".")[0] in _READ_GROUPS and "." in key:
             # the trainer reads every key of these groups (a model's options are the builder's)
             fail(f"~{key} removes a setting cnn_bench reads: give it a value instead "
                  f"({key}=...; null where the setting allows it)")
-        if key in seen and not ov.is_delete():
-            fail(f"{key} is set twice ({seen[key]} and {value}): keep one")
-        seen[key] = value
+        # A later value wins in Hydra (scripts append to a base command), but one of them a
+        # sweep is a contradiction, named as such (it read as an excluded key otherwise).
+        if key in seen and not ov.is_delete() and (ov.is_sweep_override() or seen[key].is_sweep_override()):
+            fail(f"{key} is both swept and set ({seen[key].input_line.partition('=')[2]} and "
+                 f"{value}): keep one")
+        seen[key] = ov
         if ov.is_sweep_override() and not multirun:
             fail(f"{ov.input_line} gives several values, a sweep: add -m (python "
                  f"{'evaluate' if config_name == 'evaluate' else 'train'}.py -m ...), or give one value")

@@ -38,7 +38,7 @@ def run_cli(*args: str, script: str = "train.py") -> subprocess.CompletedProcess
                                             "sweep them with -m model=mobilenet_v1,mobilenet_v2"),
     (["-m", "hydra/launcher=local_gpu"], "unknown hydra/launcher 'local_gpu': did you mean: local_gpus?"),
     (["-m", "model.width_mult=0.5,0.25", "model.width_mult=0.5"],
-     "model.width_mult is set twice (0.5,0.25 and 0.5): keep one"),
+     "model.width_mult is both swept and set (0.5,0.25 and 0.5): keep one"),
     (["~trainer.seed"], "~trainer.seed removes a setting cnn_bench reads"),
 ])
 def test_config_mistakes_exit_with_one_line(args, expected):

@@ -352,3 +352,16 @@ def test_cpu_peak_memory_is_the_runs_not_the_processs(tiny_folder, tmp_path):
     process_peak = peak_memory_mb(torch.device("cpu"))
     summary = train_mod.run(compose_config(tiny_overrides(tiny_folder, tmp_path, "trainer.epochs=1")))
     assert 0 < summary["peak_mem_mb"] < process_peak - 400
+
+
+def test_a_new_run_into_a_run_directory_is_refused(trained, tiny_folder):
+    # Rerunning into a finished run's directory without trainer.resume started over: it
+    # overwrote its checkpoints and left the old TensorBoard events to mix with the new.
+    out, _ = trained
+    before = {p: p.read_bytes() for p in (out / "config.yaml", out / "checkpoints" / "last.pt")}
+    cfg = compose_config(tiny_overrides(tiny_folder, out, "model=speednet_s", "trainer.epochs=1",
+                                        "optimizer.lr=0.05"))
+    with pytest.raises(CnnBenchError, match=r"already holds a run \(checkpoints/last.pt\): continue "
+                                            r"it with trainer.resume=auto, or give this run its own"):
+        train_mod.run(cfg)
+    assert all(p.read_bytes() == b for p, b in before.items())

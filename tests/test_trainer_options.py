@@ -169,7 +169,7 @@ def _records(run_dir) -> list[dict]:
     """metrics.jsonl without the timing keys (they differ between any two runs)."""
     lines = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [{k: v for k, v in ln.items()
-             if k not in ("epoch_time_s", "val_time_s", "train/images_per_s")}
+             if k not in ("epoch_time_s", "val_time_s", "train/images_per_s", "wall_time_s")}
             for ln in lines]
 
 
