@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from cnn_bench.config import CONF_DIR, group_options, validate
+from cnn_bench.config import CONF_DIR, group_options, run_dir_in_use, validate
 from cnn_bench.errors import CnnBenchError, did_you_mean, out_of_memory
 
 
@@ -265,6 +265,13 @@ def check_command_line(argv: list[str], config_name: str = "config") -> None:
             validate(cfg)
         except CnnBenchError as ex:
             fail(str(ex))
+        if not args.multirun and config_name == "config":
+            # the run's directory when the command names it (else Hydra's timestamped one)
+            run_dir = cfg.get("output_dir") or next(
+                (o.partition("=")[2] for o in args.overrides if o.startswith("hydra.run.dir=")), None)
+            taken = run_dir and "${" not in str(run_dir) and run_dir_in_use(cfg, run_dir)
+            if taken:  # said before Hydra writes its .hydra/ files into that directory
+                fail(taken)
 
 
 def name_jobs_by_swept_keys(argv: list[str], config_name: str) -> list[str]:

@@ -13,6 +13,12 @@ from cnn_bench.errors import CnnBenchError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
+# ${cnn_bench.if_null:A,B}: A unless it is null, else B (OmegaConf's oc.select returns a null).
+# conf/config.yaml's hydra.run.dir follows output_dir with it, so Hydra's .hydra/ and train.log
+# land in the run's own folder.
+if not OmegaConf.has_resolver("cnn_bench.if_null"):
+    OmegaConf.register_new_resolver("cnn_bench.if_null", lambda a, b: b if a is None else a)
+
 
 def group_options(group: str) -> list[str]:
     """A config group's options (``conf/<group>/*.yaml`` names), sorted; none for a non-group."""
@@ -183,3 +189,18 @@ def validate(cfg: DictConfig) -> None:
     la_decay = OmegaConf.select(cfg, "trainer.lookahead_decay", default=0.0)
     if not la_decay < 1:  # 1 would freeze the slow weights at the end of the run
         raise CnnBenchError(f"trainer.lookahead_decay must be in [0, 1), got {la_decay}")
+
+
+def run_dir_in_use(cfg: DictConfig, out: str | Path) -> str | None:
+    """Why a new run cannot go into ``out``, or ``None``: a directory that holds a run is
+    continued (``trainer.resume``), never started over (that overwrote its checkpoints and mixed
+    two runs' TensorBoard events)."""
+    if OmegaConf.select(cfg, "trainer.resume") not in (None, "", False):
+        return None
+    out = Path(out)
+    held = [p for p in (out / "checkpoints" / "last.pt", out / "checkpoints" / "best.pt") if p.exists()]
+    if not held:
+        return None
+    return (f"{out} already holds a run ({held[0].relative_to(out)}): continue it with "
+            f"trainer.resume=auto, or give this run its own directory (hydra.run.dir=... or "
+            f"output_dir=...)")

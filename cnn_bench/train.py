@@ -17,7 +17,7 @@ from torch import nn
 
 from cnn_bench.checkpoint import (FORMAT, atomic_link, atomic_save, load_checkpoint, model_weights,
                                   settings_changed)
-from cnn_bench.config import validate
+from cnn_bench.config import run_dir_in_use, validate
 from cnn_bench.data import build_data
 from cnn_bench import early_stopping
 from cnn_bench.ema import ModelEma
@@ -75,19 +75,6 @@ def _resume_path(cfg: DictConfig, out: Path) -> Path | None:
     return path
 
 
-def _refuse_to_overwrite(cfg: DictConfig, out: Path) -> None:
-    """A run directory that holds a run is continued (``trainer.resume``), never silently
-    started over: that overwrote its checkpoints and mixed two runs' TensorBoard events."""
-    if cfg.trainer.resume not in (None, "", False):
-        return
-    held = [p for p in (out / "checkpoints" / "last.pt", out / "checkpoints" / "best.pt") if p.exists()]
-    if held:
-        raise CnnBenchError(
-            f"{out} already holds a run ({held[0].relative_to(out)}): continue it with "
-            f"trainer.resume=auto, or give this run its own directory (hydra.run.dir=... or "
-            f"output_dir=...)")
-
-
 def _hparams(cfg: DictConfig, rt) -> dict:
     keys = ["model.name", "model.width_mult", "model.stem", "dataset.name", "dataset.resolution",
             "optimizer.name", "optimizer.lr", "optimizer.weight_decay", "scheduler.name",
@@ -131,7 +118,9 @@ def run(cfg: DictConfig) -> dict:
     t_start = time.perf_counter()
     validate(cfg)
     out = resolve_output_dir(cfg)
-    _refuse_to_overwrite(cfg, out)
+    taken = run_dir_in_use(cfg, out)
+    if taken:
+        raise CnnBenchError(taken)
     out.mkdir(parents=True, exist_ok=True)
     _write_config(out, cfg)
     tr = cfg.trainer

@@ -122,3 +122,26 @@ def test_evaluate_bad_value_is_one_line():
     p = run_cli("ckpt=x.pt", "precision=fp64", script="evaluate.py")
     assert p.returncode != 0 and "Traceback" not in p.stderr
     assert p.stderr.strip() == "error: precision must be one of auto, fp32, bf16, fp16; got 'fp64'"
+
+
+def test_output_dir_holds_the_whole_run_and_is_never_started_over(tiny_folder, tmp_path):
+    # output_dir= got the results while Hydra wrote .hydra/ (its overrides: "[]" in the run)
+    # and train.log into outputs/<date>/...; a second run into it overwrote the first.
+    from conftest import tiny_overrides
+
+    run = tmp_path / "run"
+    args = tiny_overrides(tiny_folder, run, "trainer.epochs=1", "trainer.limit_train_batches=1")
+    p = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    recorded = (run / ".hydra" / "overrides.yaml").read_text()
+    assert all(f"- {a}" in recorded for a in args), recorded
+    assert (run / "train.log").read_text() and (run / "summary.json").exists()
+    assert not (tmp_path / "outputs").exists()
+
+    again = subprocess.run([sys.executable, str(ROOT / "train.py"), *args[:-1]], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and again.stderr.strip().splitlines() == [
+        f"error: {run} already holds a run (checkpoints/last.pt): continue it with trainer.resume=auto, "
+        f"or give this run its own directory (hydra.run.dir=... or output_dir=...)"]
+    assert (run / ".hydra" / "overrides.yaml").read_text() == recorded  # before Hydra wrote
