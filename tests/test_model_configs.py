@@ -202,6 +202,16 @@ def test_cli_prints_a_row():
     assert "matches only torchvision, listed by name" in glob.stderr
 
 
+def test_cli_reads_a_plain_word_as_part_of_a_name():
+    # "resnet" matched nothing (a glob without wildcards is an exact name)
+    from cnn_bench.models.__main__ import _select
+
+    assert _select("resnet") == ["resnet101", "resnet152", "resnet18", "resnet34", "resnet50"]
+    assert _select("regnet*") == ["regnet_bifpn", "regnetx_200mf", "regnetx_400mf", "regnety_400mf"]
+    with pytest.raises(CnnBenchError, match="no model matches 'resnt': did you mean: resnet50"):
+        _select("resnt")
+
+
 def test_alexnet_imagenet_stem_below_its_minimum_names_both_ways_out():
     # With pretrained weights the cifar stem is no way out (conv1's shape differs): the line
     # must also offer the resolution.

@@ -20,13 +20,15 @@ from cnn_bench.models.external import PASSTHROUGHS
 def _select(pattern: str) -> list[str]:
     if pattern in list_models():
         return [pattern]
-    matched = list_models(pattern)
+    wildcard = any(c in pattern for c in "*?[")
+    # a plain word that names no model lists the models containing it (resnet -> resnet18, ...)
+    matched = list_models(pattern if wildcard else f"*{pattern}*")
     names = [n for n in matched if n not in PASSTHROUGHS]
     if not names:
         if matched:  # a pattern of passthroughs only: they are listed by their name
             raise CnnBenchError(f"'{pattern}' matches only {', '.join(matched)}, listed by name: "
                                 f"python -m cnn_bench.models {matched[0]}")
-        hint = did_you_mean(pattern, list_models()) if not any(c in pattern for c in "*?[") else ""
+        hint = did_you_mean(pattern, list_models()) if not wildcard else ""
         raise CnnBenchError(f"no model matches '{pattern}'" + (f": {hint}" if hint else ""))
     return names
 
