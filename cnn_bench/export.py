@@ -74,6 +74,9 @@ KEYS = ("ckpt", "format", "out", "use_ema")
 
 
 def main(argv: list[str]) -> None:
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__.strip())
+        return
     bad = [a for a in argv if "=" not in a]
     if bad:
         fail(f"'{bad[0]}' is not KEY=VALUE; usage: python -m cnn_bench.export ckpt=PATH "

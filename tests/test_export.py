@@ -125,3 +125,13 @@ def test_a_passthrough_export_loads_into_the_librarys_own_model(tiny_folder, tmp
     with torch.no_grad():
         want = trained.eval()(x)
         assert torch.equal(plain.eval()(x), want) and torch.equal(again.eval()(x), want)
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_export_help_prints_the_usage(flag, capsys):
+    # --help was "not KEY=VALUE" with exit 2
+    from cnn_bench.export import main
+
+    main([flag])
+    out = capsys.readouterr().out
+    assert out.startswith("``python -m cnn_bench.export ckpt=PATH") and "use_ema=false" in out
