@@ -176,6 +176,9 @@ def _candidate_override_lists(overrides: list[str]) -> list[list[str]]:
 
 
 _READ_GROUPS = ("trainer", "dataset", "optimizer", "scheduler", "augmentation", "finetune")
+# groups whose code reads the keys it knows and would ignore an added one (dataset and
+# augmentation refuse unknown options themselves; a model's go to its builder)
+_NO_ADDED_KEYS = ("trainer", "optimizer", "scheduler", "finetune")
 
 
 def _check_override_shapes(overrides: list[str], multirun: bool, config_name: str) -> None:
@@ -265,6 +268,14 @@ def check_command_line(argv: list[str], config_name: str = "config") -> None:
             validate(cfg)
         except CnnBenchError as ex:
             fail(str(ex))
+        for o in ovs:  # +key added a key the group lacked (Hydra refuses it for one it has)
+            key = o.partition("=")[0].lstrip("+")
+            group, _, leaf = key.partition(".")
+            if o.startswith("+") and not o.startswith("++") and group in _NO_ADDED_KEYS \
+                    and leaf and "." not in leaf:
+                known = [k for k in cfg[group] if k != leaf]
+                fail(f"{o}: {group} has no option '{leaf}', and nothing would read it "
+                     f"({did_you_mean(leaf, known)}); set an existing option without '+'")
         if not args.multirun and config_name == "config":
             # the run's directory when the command names it (else Hydra's timestamped one)
             run_dir = cfg.get("output_dir") or next(
