@@ -209,6 +209,16 @@ def _check_override_shapes(overrides: list[str], multirun: bool, config_name: st
         if isinstance(ov.value(), list) and not key.startswith("hydra") and group_options(key):
             fail(f"{key} takes one option, not a list: to run each, sweep them with -m "
                  f"{ov.get_key_element()}={','.join(map(str, ov.value()))}")
+        if key == "experiment" and not multirun and not ov.is_sweep_override():
+            # an experiment may be a sweep itself (hydra.sweeper.params): without -m Hydra
+            # would train its first job alone, without a word
+            try:
+                params = compose_config(config_name, [ov.input_line], with_hydra=True).hydra.sweeper.get("params")
+            except Exception:  # noqa: BLE001  (an unknown experiment: described below)
+                params = None
+            if params:
+                fail(f"{ov.input_line} is a sweep over {', '.join(params)}: run it with -m "
+                     f"(python train.py -m {ov.input_line} ...)")
         if key.startswith("hydra/") and not ov.is_delete():
             try:
                 compose_config(config_name, [ov.input_line], with_hydra=True)

@@ -40,6 +40,8 @@ def run_cli(*args: str, script: str = "train.py") -> subprocess.CompletedProcess
     (["-m", "model.width_mult=0.5,0.25", "model.width_mult=0.5"],
      "model.width_mult is both swept and set (0.5,0.25 and 0.5): keep one"),
     (["~trainer.seed"], "~trainer.seed removes a setting cnn_bench reads"),
+    (["experiment=mobilenet_sweep"], "experiment=mobilenet_sweep is a sweep over model, model.width_mult, "
+                                     "dataset.resolution: run it with -m"),
     # an added key nothing reads (dataset and augmentation refuse theirs in the builders)
     (["+optimizer.nesterovv=true"], "+optimizer.nesterovv=true: optimizer has no option 'nesterovv', "
                                     "and nothing would read it (did you mean: nesterov?)"),
