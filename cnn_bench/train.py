@@ -242,6 +242,10 @@ def run(cfg: DictConfig) -> dict:
             atomic_link(resume.parent / "best.pt", ckpt_dir / "best.pt")
         log.info("resumed from %s at epoch %d", resume, state.epoch)
         _recheck_early_stop(state, tr.get("early_stopping"), tr.epochs)
+        if state.epoch >= tr.epochs or state.stop_reason:
+            log.info("nothing to train: %s (raise trainer.epochs to train on)",
+                     state.stop_reason or f"the run has trained {state.epoch} of "
+                                          f"trainer.epochs={tr.epochs} epochs")
 
     # A resumed run's wall time continues from its earlier attempts' (downtime not counted).
     wall_before = state.wall_time_s

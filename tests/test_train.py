@@ -365,3 +365,12 @@ def test_a_new_run_into_a_run_directory_is_refused(trained, tiny_folder):
                                             r"it with trainer.resume=auto, or give this run its own"):
         train_mod.run(cfg)
     assert all(p.read_bytes() == b for p, b in before.items())
+
+
+def test_resuming_a_finished_run_says_there_is_nothing_to_train(tiny_folder, tmp_path, caplog):
+    args = tiny_overrides(tiny_folder, tmp_path, "trainer.epochs=1", "trainer.limit_train_batches=1")
+    first = train_mod.run(compose_config(args))
+    with caplog.at_level("INFO", logger="cnn_bench"):
+        again = train_mod.run(compose_config([*args, "trainer.resume=auto"]))
+    assert "nothing to train: the run has trained 1 of trainer.epochs=1 epochs" in caplog.text
+    assert again["epochs"] == first["epochs"] == 1 and again["steps"] == first["steps"]
