@@ -7,6 +7,7 @@ import itertools
 import re
 import shutil
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -389,8 +390,25 @@ def check_sweep_dir(argv: list[str], config_name: str = "config") -> None:
              f"same fixed settings to resume or extend that sweep")
 
 
+_PACKAGE_DIR = str(Path(__file__).resolve().parent)
+
+
+def _one_line_warnings() -> None:
+    """cnn_bench's own warnings (unreadable files skipped, a cache not written) print as one
+    ``warning:`` line, like its errors, not with the source line that raised them."""
+    default = warnings.formatwarning
+
+    def fmt(message, category, filename, lineno, line=None):
+        if str(filename).startswith(_PACKAGE_DIR):
+            return f"warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+
+    warnings.formatwarning = fmt
+
+
 def launch(hydra_main: Callable[[], None], config_name: str = "config") -> None:
     """Check ``sys.argv`` for user mistakes, then hand over to the ``@hydra.main`` function."""
+    _one_line_warnings()
     check_command_line(sys.argv[1:], config_name)
     check_sweep_dir(sys.argv[1:], config_name)
     sys.argv[1:] = name_jobs_by_swept_keys(sys.argv[1:], config_name)

@@ -150,3 +150,18 @@ def test_output_dir_holds_the_whole_run_and_is_never_started_over(tiny_folder, t
         f"error: {run} already holds a run (checkpoints/last.pt): continue it with trainer.resume=auto, "
         f"or give this run its own directory (hydra.run.dir=... or output_dir=...)"]
     assert (run / ".hydra" / "overrides.yaml").read_text() == recorded  # before Hydra wrote
+
+
+def test_cnn_bench_warnings_print_as_one_line(monkeypatch):
+    # "skipped 1 unreadable file" came out as path:line: UserWarning ... plus the source line
+    import warnings
+
+    from cnn_bench import cli
+
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # restored after
+    cli._one_line_warnings()
+    ours = str(ROOT / "cnn_bench" / "data" / "build.py")
+    assert warnings.formatwarning("skipped 1 unreadable file", UserWarning, ours, 111,
+                                  "data = build_data(...)") == "warning: skipped 1 unreadable file\n"
+    theirs = warnings.formatwarning("deprecated", FutureWarning, "/lib/torchvision/x.py", 3, "x()")
+    assert theirs.startswith("/lib/torchvision/x.py:3: FutureWarning: deprecated")
