@@ -217,14 +217,32 @@ def _check_override_shapes(overrides: list[str], multirun: bool, config_name: st
                 params = compose_config(config_name, [ov.input_line], with_hydra=True).hydra.sweeper.get("params")
             except Exception:  # noqa: BLE001  (an unknown experiment: described below)
                 params = None
-            if params:
-                fail(f"{ov.input_line} is a sweep over {', '.join(params)}: run it with -m "
-                     f"(python train.py -m {ov.input_line} ...)")
+            fixed = {o.key_or_group for o in parsed if not o.is_sweep_override()}
+            swept = [k for k in (params or {}) if k not in fixed]  # a fixed key is not swept
+            if swept:
+                fail(f"{ov.input_line} is a sweep over {', '.join(swept)}: run it with -m "
+                     f"(python train.py -m {ov.input_line} ...), or fix those keys on the command line")
         if key.startswith("hydra/") and not ov.is_delete():
             try:
                 compose_config(config_name, [ov.input_line], with_hydra=True)
             except Exception as ex:  # noqa: BLE001
                 fail(_describe(ex, [], config_name))
+
+
+def _named_run_dirs(cfg, overrides: list[str]) -> list[str]:
+    """The directories a single run will write to, where the command names them plainly
+    (``hydra.run.dir=``, ``output_dir=``); interpolated ones are left to the run itself."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    raw_output = cfg._get_node("output_dir")._value() if "output_dir" in cfg else None
+    if isinstance(raw_output, str) and "hydra:runtime.output_dir" in raw_output:
+        fail(f"output_dir={raw_output} refers to Hydra's run directory, which follows output_dir: "
+             f"give output_dir a path, or set hydra.run.dir and leave output_dir out")
+    dirs = [raw_output] if raw_output else []
+    for ov in OverridesParser.create().parse_overrides(overrides):
+        if ov.key_or_group == "hydra.run.dir":
+            dirs.append(str(ov.value()))
+    return [d for d in dirs if isinstance(d, str) and "${" not in d]
 
 
 def check_command_line(argv: list[str], config_name: str = "config") -> None:
@@ -283,17 +301,15 @@ def check_command_line(argv: list[str], config_name: str = "config") -> None:
             key = o.partition("=")[0].lstrip("+")
             group, _, leaf = key.partition(".")
             if o.startswith("+") and not o.startswith("++") and group in _NO_ADDED_KEYS \
-                    and leaf and "." not in leaf:
+                    and leaf and "." not in leaf and config_name == "config":
                 known = [k for k in cfg[group] if k != leaf]
                 fail(f"{o}: {group} has no option '{leaf}', and nothing would read it "
                      f"({did_you_mean(leaf, known)}); set an existing option without '+'")
         if not args.multirun and config_name == "config":
-            # the run's directory when the command names it (else Hydra's timestamped one)
-            run_dir = cfg.get("output_dir") or next(
-                (o.partition("=")[2] for o in args.overrides if o.startswith("hydra.run.dir=")), None)
-            taken = run_dir and "${" not in str(run_dir) and run_dir_in_use(cfg, run_dir)
-            if taken:  # said before Hydra writes its .hydra/ files into that directory
-                fail(taken)
+            for run_dir in _named_run_dirs(cfg, args.overrides):
+                taken = run_dir_in_use(cfg, run_dir)
+                if taken:  # said before Hydra writes its .hydra/ files into that directory
+                    fail(taken)
 
 
 def name_jobs_by_swept_keys(argv: list[str], config_name: str) -> list[str]:

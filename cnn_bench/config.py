@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 from cnn_bench.early_stopping import MONITORS as EARLY_STOPPING_MONITORS
 from cnn_bench.early_stopping import mode as early_stopping_mode
@@ -13,11 +14,11 @@ from cnn_bench.errors import CnnBenchError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
-# ${cnn_bench.if_null:A,B}: A unless it is null, else B (OmegaConf's oc.select returns a null).
+# ${cnn_bench.if_null:A,B}: A unless it is null or empty, else B (OmegaConf's oc.select returns a null).
 # conf/config.yaml's hydra.run.dir follows output_dir with it, so Hydra's .hydra/ and train.log
 # land in the run's own folder.
 if not OmegaConf.has_resolver("cnn_bench.if_null"):
-    OmegaConf.register_new_resolver("cnn_bench.if_null", lambda a, b: b if a is None else a)
+    OmegaConf.register_new_resolver("cnn_bench.if_null", lambda a, b: b if a in (None, "") else a)
 
 
 def group_options(group: str) -> list[str]:
@@ -106,6 +107,7 @@ _SCHEMA: dict[str, tuple[tuple[str, ...], tuple | None, float | None]] = {
     "finetune.mode": ((_STR,), ("full", "head", "partial"), None),
     "finetune.unfreeze_stages": ((_INT,), None, 0),
     # evaluate.py's own keys (conf/evaluate.yaml; the training config has none of them)
+    "output_dir": ((_STR, _NONE), None, None),
     "split": ((_STR,), ("test", "val", "train"), None),
     "batch_size": ((_INT,), None, 1),
     "precision": ((_STR,), ("auto", "fp32", "bf16", "fp16"), None),
@@ -138,9 +140,12 @@ def _kind(value: Any) -> str:
 def validate(cfg: DictConfig) -> None:
     """Raise a one-line ``CnnBenchError`` for a public key of the wrong type or out of range."""
     for key, (kinds, choices, minimum) in _SCHEMA.items():
-        if OmegaConf.select(cfg, key, default="__absent__") == "__absent__":
+        try:
+            value = OmegaConf.select(cfg, key, default="__absent__")
+        except InterpolationResolutionError:  # ${hydra:...} outside a Hydra run: the run's to check
             continue
-        value = OmegaConf.select(cfg, key)
+        if value == "__absent__":
+            continue
         kind = _kind(value)
         ok = kind in kinds or (kind == _INT and _FLOAT in kinds)
         if not ok:

@@ -297,7 +297,9 @@ def run(cfg: DictConfig) -> dict:
                           limit=tr.limit_val_batches, desc=val_name, progress=tr.progress,
                           tta=tta)
                  if val_loader is not None and not diverged else {"loss": math.nan, "acc": math.nan})
-        if not diverged and val_loader is not None and not math.isfinite(val_m["loss"]):
+        # (not in fp16: logits past its 65504 overflow while the model may still recover)
+        if not diverged and val_loader is not None and rt.precision != "fp16" \
+                and not math.isfinite(val_m["loss"]):
             diverged = f"{val_name} loss {val_m['loss']}: non-finite outputs"
             val_m["acc"] = math.nan
         record = {"epoch": state.epoch, "step": state.global_step,

@@ -165,3 +165,55 @@ def test_cnn_bench_warnings_print_as_one_line(monkeypatch):
                                   "data = build_data(...)") == "warning: skipped 1 unreadable file\n"
     theirs = warnings.formatwarning("deprecated", FutureWarning, "/lib/torchvision/x.py", 3, "x()")
     assert theirs.startswith("/lib/torchvision/x.py:3: FutureWarning: deprecated")
+
+
+def _precheck_error(argv: list[str], capsys) -> str | None:
+    """The pre-check's one line for ``python train.py <argv>``, or None when it lets it run."""
+    from cnn_bench import cli
+
+    try:
+        cli.check_command_line(argv, "config")
+    except SystemExit:
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        return line
+    return None
+
+
+def test_precheck_finds_a_held_run_directory_however_it_is_named(tmp_path, capsys):
+    # A quoted hydra.run.dir, or hydra.run.dir next to another output_dir, slipped past the
+    # pre-check: Hydra rewrote the held run's .hydra/ before the run refused.
+    held, new = tmp_path / "held", tmp_path / "new"
+    (held / "checkpoints").mkdir(parents=True)
+    (held / "checkpoints" / "last.pt").touch()
+    for argv in ([f"hydra.run.dir='{held}'"], [f"output_dir={new}", f"hydra.run.dir={held}"],
+                 [f"output_dir={held}"]):
+        line = _precheck_error(argv, capsys)
+        assert line and line.startswith(f"error: {held} already holds a run"), (argv, line)
+    assert _precheck_error([f"output_dir={held}", "trainer.resume=auto"], capsys) is None
+
+
+def test_precheck_leaves_interpolated_and_empty_output_dirs_to_the_run(capsys):
+    # ${hydra:...} in output_dir crashed the pre-check (no HydraConfig there)
+    assert _precheck_error(["output_dir=runs/${hydra:job.name}"], capsys) is None
+    assert _precheck_error(["output_dir="], capsys) is None
+    line = _precheck_error(["output_dir=${hydra:runtime.output_dir}/sub"], capsys)
+    assert "refers to Hydra's run directory, which follows output_dir" in line
+    assert "output_dir must be" in _precheck_error(["output_dir=123"], capsys)
+
+
+def test_an_empty_output_dir_keeps_hydras_dated_run_dir():
+    # output_dir= (a wrapper's empty $OUT) made hydra.run.dir '' : the run went into the cwd
+    from hydra.core.utils import setup_globals
+
+    from cnn_bench.cli import compose_config as compose
+
+    setup_globals()  # Hydra's ${now:...} resolver
+    assert str(compose("config", ["output_dir="], with_hydra=True).hydra.run.dir).startswith("outputs/")
+    assert str(compose("config", ["output_dir=/r/x"], with_hydra=True).hydra.run.dir) == "/r/x"
+
+
+def test_a_sweep_experiment_with_every_swept_key_fixed_runs_alone(capsys):
+    fixed = ["experiment=mobilenet_sweep", "model=mobilenet_v2", "model.width_mult=0.35",
+             "dataset.resolution=32"]
+    assert _precheck_error(fixed, capsys) is None
+    assert "is a sweep over dataset.resolution: run it with -m" in _precheck_error(fixed[:-1], capsys)

@@ -336,3 +336,21 @@ def test_unfreeze_stages_outside_partial_is_one_line(mode):
 
     with pytest.raises(CnnBenchError, match="unfreeze_stages=2 applies to finetune=partial only"):
         apply_finetune(_TapNet(False), {"mode": mode, "unfreeze_stages": 2})
+
+
+@pytest.mark.parametrize("precision, diverges", [("fp32", True), ("fp16", False)])
+def test_a_non_finite_val_loss_is_a_divergence_except_in_fp16(tiny_folder, tmp_path, monkeypatch,
+                                                            precision, diverges):
+    # fp16 logits overflow past 65504 while the weights are finite and may recover: that run
+    # was stopped as diverged (its bf16/fp32 overflow is not a passing state)
+    from cnn_bench.errors import CnnBenchError
+
+    real = train_mod.evaluate
+    monkeypatch.setattr(train_mod, "evaluate", lambda *a, **k: {**real(*a, **k), "loss": math.nan})
+    cfg = compose_config(tiny_overrides(tiny_folder, tmp_path, "trainer.epochs=1",
+                                        "trainer.limit_train_batches=1", f"trainer.precision={precision}"))
+    if diverges:
+        with pytest.raises(CnnBenchError, match="val loss nan: non-finite outputs"):
+            train_mod.run(cfg)
+    else:
+        assert train_mod.run(cfg)["epochs"] == 1
