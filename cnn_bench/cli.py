@@ -182,9 +182,10 @@ _READ_GROUPS = ("trainer", "dataset", "optimizer", "scheduler", "augmentation", 
 _NO_ADDED_KEYS = ("trainer", "optimizer", "scheduler", "finetune")
 
 
-def _check_override_shapes(overrides: list[str], multirun: bool, config_name: str) -> None:
+def _check_override_shapes(overrides: list[str], multirun: bool, config_name: str) -> list:
     """One line for what composes but is not what the user meant: a swept key set again, several
-    values without ``-m``, a list of options for a config group, an unknown ``hydra/`` option."""
+    values without ``-m``, a list of options for a config group, an unknown ``hydra/`` option.
+    Returns the parsed overrides."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     try:
@@ -227,21 +228,18 @@ def _check_override_shapes(overrides: list[str], multirun: bool, config_name: st
                 compose_config(config_name, [ov.input_line], with_hydra=True)
             except Exception as ex:  # noqa: BLE001
                 fail(_describe(ex, [], config_name))
+    return parsed
 
 
-def _named_run_dirs(cfg, overrides: list[str]) -> list[str]:
+def _named_run_dirs(cfg, parsed: list) -> list[str]:
     """The directories a single run will write to, where the command names them plainly
     (``hydra.run.dir=``, ``output_dir=``); interpolated ones are left to the run itself."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     raw_output = cfg._get_node("output_dir")._value() if "output_dir" in cfg else None
     if isinstance(raw_output, str) and "hydra:runtime.output_dir" in raw_output:
         fail(f"output_dir={raw_output} refers to Hydra's run directory, which follows output_dir: "
              f"give output_dir a path, or set hydra.run.dir and leave output_dir out")
     dirs = [raw_output] if raw_output else []
-    for ov in OverridesParser.create().parse_overrides(overrides):
-        if ov.key_or_group == "hydra.run.dir":
-            dirs.append(str(ov.value()))
+    dirs += [str(ov.value()) for ov in parsed if ov.key_or_group == "hydra.run.dir"]
     return [d for d in dirs if isinstance(d, str) and "${" not in d]
 
 
@@ -281,7 +279,7 @@ def check_command_line(argv: list[str], config_name: str = "config") -> None:
                 fail(f"hydra.launcher.gpus takes a list of GPU ids: hydra.launcher.gpus=[{value}]")
         elif value != "null" and not (value.isdigit() and int(value) >= 1):
             fail(f"{key} must be an integer >= 1 (or null for the default), got {value!r}")
-    _check_override_shapes(args.overrides, args.multirun, config_name)
+    parsed = _check_override_shapes(args.overrides, args.multirun, config_name)
     overrides = [o for o in args.overrides if not o.startswith("hydra.") and not o.startswith("hydra/")]
     try:
         lists = _candidate_override_lists(overrides)
@@ -305,11 +303,11 @@ def check_command_line(argv: list[str], config_name: str = "config") -> None:
                 known = [k for k in cfg[group] if k != leaf]
                 fail(f"{o}: {group} has no option '{leaf}', and nothing would read it "
                      f"({did_you_mean(leaf, known)}); set an existing option without '+'")
-        if not args.multirun and config_name == "config":
-            for run_dir in _named_run_dirs(cfg, args.overrides):
-                taken = run_dir_in_use(cfg, run_dir)
-                if taken:  # said before Hydra writes its .hydra/ files into that directory
-                    fail(taken)
+    if not args.multirun and config_name == "config":  # one composition: no sweep without -m
+        for run_dir in _named_run_dirs(cfg, parsed):
+            taken = run_dir_in_use(cfg, run_dir)
+            if taken:  # said before Hydra writes its .hydra/ files into that directory
+                fail(taken)
 
 
 def name_jobs_by_swept_keys(argv: list[str], config_name: str) -> list[str]:

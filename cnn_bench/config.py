@@ -106,8 +106,8 @@ _SCHEMA: dict[str, tuple[tuple[str, ...], tuple | None, float | None]] = {
     "trainer.early_stopping.min_delta": ((_FLOAT,), None, 0),
     "finetune.mode": ((_STR,), ("full", "head", "partial"), None),
     "finetune.unfreeze_stages": ((_INT,), None, 0),
+    "output_dir": ((_STR, _NONE), None, None),              # both configs
     # evaluate.py's own keys (conf/evaluate.yaml; the training config has none of them)
-    "output_dir": ((_STR, _NONE), None, None),
     "split": ((_STR,), ("test", "val", "train"), None),
     "batch_size": ((_INT,), None, 1),
     "precision": ((_STR,), ("auto", "fp32", "bf16", "fp16"), None),

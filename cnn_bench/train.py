@@ -154,6 +154,7 @@ def run(cfg: DictConfig) -> dict:
     # pretrained download) is not read again, so it may have moved or gone since.
     model = build_model(trained_model_config(cfg.model, res) if resume else cfg.model,
                         data.num_classes, res)
+    fresh = resume is None and cfg.model.get("weights") is None and not cfg.model.get("pretrained")
     freeze = apply_finetune(model, cfg.get("finetune"))
     params, trainable = count_params(model), count_params(model, trainable_only=True)
     flops = count_flops(model, res)
@@ -165,7 +166,7 @@ def run(cfg: DictConfig) -> dict:
         log.info("finetune=%s: %d parameters train, %d frozen; frozen modules (eval mode): %s",
                  freeze.mode, freeze.trainable_params, freeze.frozen_params,
                  ", ".join(freeze.frozen))
-        if resume is None and cfg.model.get("weights") is None and not cfg.model.get("pretrained"):
+        if fresh:
             log.warning("finetune=%s freezes %d parameters that start from a random "
                         "initialisation (no model.pretrained or model.weights): they will learn "
                         "nothing; load weights, or train everything with finetune=full",
@@ -174,7 +175,7 @@ def run(cfg: DictConfig) -> dict:
     if len(data.train) == 0:
         raise CnnBenchError(f"the training split has {data.train.num_samples} images: too few "
                             f"for one batch; lower trainer.batch_size")
-    if resume is None and cfg.model.get("weights") is None and not cfg.model.get("pretrained"):
+    if fresh:
         _init_from_data(model, data.train)
     steps_per_epoch = len(data.train) if tr.limit_train_batches is None else min(
         tr.limit_train_batches, len(data.train))
@@ -242,10 +243,9 @@ def run(cfg: DictConfig) -> dict:
             atomic_link(resume.parent / "best.pt", ckpt_dir / "best.pt")
         log.info("resumed from %s at epoch %d", resume, state.epoch)
         _recheck_early_stop(state, tr.get("early_stopping"), tr.epochs)
-        if state.epoch >= tr.epochs or state.stop_reason:
-            log.info("nothing to train: %s (raise trainer.epochs to train on)",
-                     state.stop_reason or f"the run has trained {state.epoch} of "
-                                          f"trainer.epochs={tr.epochs} epochs")
+        if state.epoch >= tr.epochs:  # (an early stop or a divergence says so itself)
+            log.info("nothing to train: the run has trained %d of trainer.epochs=%d epochs "
+                     "(raise trainer.epochs to train on)", state.epoch, tr.epochs)
 
     # A resumed run's wall time continues from its earlier attempts' (downtime not counted).
     wall_before = state.wall_time_s

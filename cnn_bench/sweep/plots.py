@@ -124,7 +124,8 @@ def acc_vs_params(rows: list[JobRow]) -> Figure:
 def heatmap_cells(rows: list[JobRow], widths: list, ress: list) -> tuple[list, list]:
     """(grid of best val accuracy in %, cell labels) for one model's rows: jobs that share a
     cell (seeds, other settings) are averaged, their count shown as ``(n=2)``; ``*`` marks a
-    cell with a job not done (running, interrupted, failed); a cell with no accuracy yet shows its job's status."""
+    cell with a job not done (running, interrupted, failed); a cell with no accuracy yet shows
+    its job's status."""
     cells: dict[tuple[int, int], list[JobRow]] = {}
     for r in rows:
         if r.resolution is not None:
